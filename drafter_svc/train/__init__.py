@@ -1,0 +1,1 @@
+"""The DSpark training pipeline: data regeneration, target cache, training, calibration, export."""

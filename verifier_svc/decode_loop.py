@@ -1,0 +1,220 @@
+"""The in-process speculative decode loop: draft → schedule → verify → accept → rollback →
+update the drafter's context, for one or more sessions.
+
+Draft length 0 runs the same verify path with an empty block, so target-only decoding (the
+baseline and the fallback) and speculation share every line that decides a token."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from dspark_common.errors import InvalidRequest
+from dspark_common.sampling import processed_probs, sample
+from dspark_common.types import (
+    DraftRequest,
+    Proposal,
+    RoundStats,
+    SamplingParams,
+    SpeculativeStats,
+    validate_draft_length,
+)
+from verifier_svc.acceptance import accept_block
+from verifier_svc.proposer import Proposer
+from verifier_svc.scheduler import SpsTable, schedule_prefix
+from verifier_svc.target_engine import TargetEngine
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    draft_length: int | str = "auto"  # 0..16 or "auto" (full block + confidence scheduler)
+    stop_ids: frozenset[int] = frozenset()
+
+    def validate(self, target: TargetEngine) -> "GenerationRequest":
+        target.validate_tokens(self.prompt_ids, "prompt")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise InvalidRequest(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}", "max_new_tokens")
+        if len(self.prompt_ids) >= target.max_context:
+            raise InvalidRequest(
+                f"prompt of {len(self.prompt_ids)} tokens does not fit the context window of {target.max_context}",
+                "prompt",
+            )
+        self.sampling.validate()
+        validate_draft_length(self.draft_length)
+        return self
+
+
+@dataclass
+class DecodeSession:
+    session_id: str
+    request: GenerationRequest
+    generator: torch.Generator
+    draft_generator: torch.Generator
+    anchor: int = -1  # last committed token, not yet run through the target
+    anchor_pos: int = 0
+    output: list[int] = field(default_factory=list)
+    stats: SpeculativeStats = field(default_factory=SpeculativeStats)
+    draft_length: int | str = "auto"
+    finish_reason: str | None = None
+    drafting: bool = True
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    finish_reason: str
+    stats: SpeculativeStats
+    rounds: list[RoundStats]
+    seconds: float
+
+
+class DecodeLoop:
+    """Runs decode rounds for sessions over a target engine and an optional proposer."""
+
+    def __init__(self, target: TargetEngine, proposer: Proposer | None = None, *, sps: SpsTable | None = None) -> None:
+        self.target = target
+        self.proposer = proposer
+        self.sps = sps or SpsTable({1: 1.0})
+
+    # ---- session lifecycle ------------------------------------------------------------
+    def start(self, request: GenerationRequest, session_id: str | None = None) -> DecodeSession:
+        request.validate(self.target)
+        sid = session_id or uuid.uuid4().hex
+        gen = request.sampling.make_generator()
+        draft_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        s = DecodeSession(sid, request, gen, draft_gen, draft_length=request.draft_length)
+        self.target.open(sid)
+        try:
+            fwd = self.target.extend(sid, list(request.prompt_ids))
+            first = sample(processed_probs(fwd.logits[-1], request.sampling), gen)
+            s.drafting = self.proposer is not None and request.draft_length != 0
+            if s.drafting:
+                self.proposer.open(sid)
+                self.proposer.append_context(sid, fwd.features, 0)
+        except BaseException:
+            self.release(s)
+            raise
+        s.anchor, s.anchor_pos = first, len(request.prompt_ids)
+        self._commit(s, [first])
+        return s
+
+    def release(self, s: DecodeSession) -> None:
+        self.target.release(s.session_id)
+        if self.proposer is not None:
+            self.proposer.release(s.session_id)
+
+    def _commit(self, s: DecodeSession, tokens: list[int]) -> None:
+        for t in tokens:
+            s.output.append(t)
+            if t in s.request.stop_ids:
+                s.finish_reason = "stop"
+                return
+            if len(s.output) >= s.request.max_new_tokens:
+                s.finish_reason = "length"
+                return
+
+    # ---- one round --------------------------------------------------------------------
+    def planned_length(self, s: DecodeSession) -> int:
+        """How many draft tokens to ask for: the session's draft length, capped by the drafter's
+        block, the tokens still wanted and the context window (the anchor needs a slot too)."""
+        if not s.drafting or self.proposer is None:
+            return 0
+        want = self.proposer.block_size if s.draft_length == "auto" else int(s.draft_length)
+        remaining = s.request.max_new_tokens - len(s.output) - 1
+        room = self.target.max_context - s.anchor_pos - 1
+        return max(0, min(want, self.proposer.block_size, remaining, room))
+
+    def draft(self, sessions: list[DecodeSession]) -> tuple[list[Proposal | None], float]:
+        """One batched draft for every session that drafts this round."""
+        t0 = time.perf_counter()
+        reqs, owners = [], []
+        for i, s in enumerate(sessions):
+            n = self.planned_length(s)
+            if n > 0:
+                reqs.append(DraftRequest(s.session_id, s.anchor, s.anchor_pos, n, s.request.sampling, s.draft_generator))
+                owners.append(i)
+        out: list[Proposal | None] = [None] * len(sessions)
+        if reqs:
+            for i, p in zip(owners, self.proposer.propose(reqs)):
+                out[i] = p
+        return out, (time.perf_counter() - t0) * 1e3
+
+    def schedule(self, s: DecodeSession, proposal: Proposal | None) -> int:
+        if proposal is None or len(proposal) == 0:
+            return 0
+        if s.draft_length == "auto":
+            return schedule_prefix([proposal.confidences], self.sps)[0]
+        return len(proposal)
+
+    def verify(self, s: DecodeSession, proposal: Proposal | None, scheduled: int, draft_ms: float = 0.0) -> RoundStats:
+        """Verify the first `scheduled` draft tokens in one target forward, accept, roll back,
+        and hand the drafter the features of what was accepted."""
+        block = proposal.truncate(scheduled) if proposal is not None else None
+        drafts = block.tokens.tolist() if block is not None else []
+        fwd = self.target.extend(s.session_id, [s.anchor] + drafts)
+        p = processed_probs(fwd.logits, s.request.sampling)
+        if block is not None and scheduled:
+            res = accept_block(block.tokens, block.q_ids, block.q_probs, p, greedy=s.request.sampling.greedy, generator=s.generator)
+        else:
+            empty = torch.zeros(0, dtype=torch.long)
+            res = accept_block(empty, empty[:, None], torch.zeros(0, 1), p, greedy=s.request.sampling.greedy, generator=s.generator)
+        m = res.num_accepted
+        committed = drafts[:m] + [res.next_token]
+        for i, t in enumerate(drafts[:m]):  # an accepted stop token ends the round, no correction
+            if t in s.request.stop_ids:
+                m, committed = i + 1, drafts[: i + 1]
+                break
+        self.target.rollback(s.session_id, s.anchor_pos + m + 1)
+        if s.drafting:
+            self.proposer.append_context(s.session_id, fwd.features[: m + 1], s.anchor_pos)
+        s.anchor, s.anchor_pos = committed[-1], s.anchor_pos + m + 1
+        before = len(s.output)
+        self._commit(s, committed)
+        r = RoundStats(
+            proposed=len(proposal) if proposal is not None else 0,
+            scheduled=scheduled,
+            accepted=m,
+            tokens=s.output[before:],
+            confidences=proposal.confidences.tolist() if proposal is not None else [],
+            draft_ms=draft_ms,
+            verify_ms=fwd.seconds * 1e3,
+        )
+        s.stats.add(r, len(r.tokens))
+        return r
+
+    def round(self, sessions: list[DecodeSession]) -> list[RoundStats]:
+        live = [s for s in sessions if not s.done]
+        proposals, draft_ms = self.draft(live)
+        return [self.verify(s, p, self.schedule(s, p), draft_ms) for s, p in zip(live, proposals)]
+
+    # ---- whole generations ----------------------------------------------------------------
+    def generate_many(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        t0 = time.perf_counter()
+        sessions: list[DecodeSession] = []
+        rounds: dict[str, list[RoundStats]] = {}
+        try:
+            for r in requests:
+                sessions.append(self.start(r))
+                rounds[sessions[-1].session_id] = []
+            while any(not s.done for s in sessions):
+                live = [s for s in sessions if not s.done]
+                for s, r in zip(live, self.round(live)):
+                    rounds[s.session_id].append(r)
+        finally:
+            for s in sessions:
+                self.release(s)
+        dt = time.perf_counter() - t0
+        return [GenerationResult(s.output, s.finish_reason or "length", s.stats, rounds[s.session_id], dt) for s in sessions]
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        return self.generate_many([request])[0]
