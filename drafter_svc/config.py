@@ -114,7 +114,7 @@ class DSparkConfig:
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"
-        return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+        return str(self.rope_scaling.get("rope_type", "default"))
 
     # ------------------------------------------------------------------ validation
 
@@ -355,8 +355,9 @@ def _read_rope(d: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if theta is None:
         raise InvalidRequest("the config has no RoPE base (rope_theta or rope_parameters.rope_theta)", "rope_theta")
     rest = {k: v for k, v in params.items() if k != "rope_theta"}
-    rope_type = rest.get("rope_type", rest.get("type", "default"))
-    return float(theta), (rest if rope_type != "default" else None)
+    if "type" in rest and "rope_type" not in rest:  # transformers 4.x legacy spelling
+        rest["rope_type"] = rest.pop("type")
+    return float(theta), (rest if rest.get("rope_type", "default") != "default" else None)
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -68,6 +68,10 @@ class DraftEngine:
         return self._config
 
     @property
+    def block_size(self) -> int:
+        return self._config.block_size
+
+    @property
     def device(self) -> torch.device:
         return self._device
 

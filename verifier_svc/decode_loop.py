@@ -114,6 +114,12 @@ class DecodeLoop:
             self.proposer.release(s.session_id)
 
     def _commit(self, s: DecodeSession, tokens: list[int]) -> None:
+        self._commit_tokens(s, tokens)
+        if not s.done and s.anchor_pos >= self.target.max_context:
+            s.finish_reason = "length"  # the window is full: the anchor cannot be run anymore
+
+    @staticmethod
+    def _commit_tokens(s: DecodeSession, tokens: list[int]) -> None:
         for t in tokens:
             s.output.append(t)
             if t in s.request.stop_ids:

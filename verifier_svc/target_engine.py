@@ -8,6 +8,7 @@ needs; `rollback` drops rejected positions. Not thread-safe by itself: callers s
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -67,6 +68,8 @@ class TargetEngine:
         self._hs_index = feature_indices(self.num_layers, self.feature_layer_ids)
         self.device = next(model.parameters()).device
         self._sessions: dict[str, _Session] = {}
+        # transformers 5.x renamed past_key_values to cache (the old name warns, then goes).
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     # ---- sessions -------------------------------------------------------------------------
     def open(self, session_id: str) -> None:
@@ -125,10 +128,10 @@ class TargetEngine:
         positions = torch.arange(s.length, s.length + len(tokens), device=self.device)[None]
         out = self.model(
             input_ids=ids,
-            past_key_values=s.cache,
             position_ids=positions,
             use_cache=True,
             output_hidden_states=bool(self._hs_index),
+            **{self._cache_kw: s.cache},
         )
         s.length += len(tokens)
         s.tokens.extend(tokens)
