@@ -89,10 +89,11 @@ class DraftEngine:
                 )
             self._sessions[session_id] = _SessionCache(kv=self._new_buffer(min(_INITIAL_CAPACITY, self._max_context)))
 
-    def release(self, session_id: str) -> None:
+    def release(self, session_id: str) -> bool:
+        """Free a session's cache; idempotent (False when it was not held), so cleanup paths
+        never fail on a session that a failed open never created."""
         with self._lock:
-            self._get(session_id)
-            del self._sessions[session_id]
+            return self._sessions.pop(session_id, None) is not None
 
     def context_length(self, session_id: str) -> int:
         with self._lock:

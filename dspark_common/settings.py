@@ -80,3 +80,48 @@ class ModelSettings(Settings):
 class GenerateSettings(ModelSettings):
     model: str = Field("smollm2", description="target: 'smollm2' (packaged), a directory, a .gguf file or a hub id")
     drafter: str = Field("default", description="DSpark checkpoint directory; 'default' = the committed drafter, 'random' = untrained")
+
+
+class ServiceSettings(ModelSettings):
+    """What every gRPC service has: where it listens and how it names itself."""
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(0, description="port to listen on (0 = any free port, printed at start)")
+    replica_id: str = Field("", description="this replica's id in KV handles ('' = a fresh random id per start)")
+    max_message_mb: int = Field(64, ge=1, description="largest gRPC message accepted or sent, in MiB")
+
+
+class DrafterSettings(ServiceSettings):
+    port: int = Field(50052, description="port to listen on (0 = any free port, printed at start)")
+    checkpoint: str = Field(
+        "default", description="DSpark checkpoint directory; 'default' = the committed drafter, 'random' = untrained"
+    )
+    target: str = Field(
+        "smollm2", description="target whose frozen embed_tokens/lm_head a slim checkpoint omits (see --model of verifier)"
+    )
+    max_sessions: int = Field(256, ge=1, description="draft sessions held at once")
+    max_context: int = Field(32768, ge=1, description="context positions one draft session may hold")
+    proposal_top_k: int = Field(8, ge=1, description="K of the sparse draft distribution sent per slot")
+    batch_window_ms: float = Field(1.0, ge=0, description="how long a draft request waits for others to batch with")
+    max_batch: int = Field(64, ge=1, description="most blocks drafted in one forward")
+
+
+class VerifierSettings(ServiceSettings):
+    port: int = Field(50051, description="port to listen on (0 = any free port, printed at start)")
+    model: str = Field("smollm2", description="target: 'smollm2' (packaged), a directory, a .gguf file or a hub id")
+    drafter: list[str] = Field(
+        default_factory=list, description="drafter addresses HOST:PORT[,HOST:PORT...] ('' = target-only)"
+    )
+    feature_layers: list[int] = Field(
+        default_factory=list, description="target layers whose features feed the drafter ('' = ask the drafter)"
+    )
+    max_sessions: int = Field(64, ge=1, description="sessions holding target KV at once (running + kept)")
+    max_context: int = Field(0, ge=0, description="context window in tokens (0 = the model's)")
+    draft_deadline_ms: float = Field(2000.0, gt=0, description="a draft reply later than this falls back to target-only")
+    reconnect_min_ms: float = Field(50.0, gt=0, description="first reconnect delay to a lost drafter (doubles)")
+    reconnect_max_ms: float = Field(2000.0, gt=0, description="longest reconnect delay to a lost drafter")
+    drafter_wait_s: float = Field(30.0, ge=0, description="at start, how long to wait for a drafter to describe itself")
+    feature_wire_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="dtype of the projected context features sent to the drafter"
+    )
+    profile_sps: bool = Field(True, description="profile target steps/s at start for the confidence scheduler")

@@ -2,7 +2,12 @@
 update the drafter's context, for one or more sessions.
 
 Draft length 0 runs the same verify path with an empty block, so target-only decoding (the
-baseline and the fallback) and speculation share every line that decides a token."""
+baseline and the fallback) and speculation share every line that decides a token.
+
+`generate`/`generate_many` drive whole generations synchronously. The pieces they use — `start` /
+`resume`, `planned_length` / `draft_request`, `schedule`, `verify`, `release` — are public so the
+verifier service can drive each session from its own async task, drafting over the network
+between two `verify` calls on its target worker thread."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dspark_common.errors import InvalidRequest
+from dspark_common.errors import FailedPrecondition, InvalidRequest
 from dspark_common.sampling import processed_probs, sample
 from dspark_common.types import (
     DraftRequest,
@@ -79,39 +84,89 @@ class GenerationResult:
 
 
 class DecodeLoop:
-    """Runs decode rounds for sessions over a target engine and an optional proposer."""
+    """Runs decode rounds for sessions over a target engine and an optional proposer.
 
-    def __init__(self, target: TargetEngine, proposer: Proposer | None = None, *, sps: SpsTable | None = None) -> None:
+    With `track_context`, the proposer receives every session's context even at draft length 0,
+    so a session's draft length can be raised later and a later turn can draft (the services)."""
+
+    def __init__(
+        self,
+        target: TargetEngine,
+        proposer: Proposer | None = None,
+        *,
+        sps: SpsTable | None = None,
+        track_context: bool = False,
+    ) -> None:
         self.target = target
         self.proposer = proposer
         self.sps = sps or SpsTable({1: 1.0})
+        self.track_context = track_context
 
     # ---- session lifecycle ------------------------------------------------------------
     def start(self, request: GenerationRequest, session_id: str | None = None) -> DecodeSession:
         request.validate(self.target)
-        sid = session_id or uuid.uuid4().hex
-        gen = request.sampling.make_generator()
-        draft_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        s = DecodeSession(sid, request, gen, draft_gen, draft_length=request.draft_length)
-        self.target.open(sid)
+        s = self._new_session(request, session_id or uuid.uuid4().hex)
+        self.target.open(s.session_id)
         try:
-            fwd = self.target.extend(sid, list(request.prompt_ids))
-            first = sample(processed_probs(fwd.logits[-1], request.sampling), gen)
-            s.drafting = self.proposer is not None and request.draft_length != 0
-            if s.drafting:
-                self.proposer.open(sid)
-                self.proposer.append_context(sid, fwd.features, 0)
+            self._prefill(s, list(request.prompt_ids), 0)
         except BaseException:
             self.release(s)
             raise
-        s.anchor, s.anchor_pos = first, len(request.prompt_ids)
-        self._commit(s, [first])
         return s
 
-    def release(self, s: DecodeSession) -> None:
-        self.target.release(s.session_id)
+    def resume(self, request: GenerationRequest, session_id: str) -> DecodeSession:
+        """A later turn of a session whose target KV is still cached (a kept session after its
+        generation ended). `request.prompt_ids` is the full history; it must extend the cached
+        tokens, and only the new tokens run through the target. The session drafts again if the
+        proposer still holds its context; on failure the session is released."""
+        request.validate(self.target)
+        cached = self.target.tokens(session_id)
+        if len(request.prompt_ids) <= len(cached) or list(request.prompt_ids[: len(cached)]) != cached:
+            raise FailedPrecondition(
+                f"the history ({len(request.prompt_ids)} tokens) does not extend the {len(cached)} tokens "
+                f"cached for session {session_id!r}"
+            )
+        s = self._new_session(request, session_id)
+        try:
+            self._prefill(s, list(request.prompt_ids[len(cached) :]), len(cached))
+        except BaseException:
+            self.release(s)
+            raise
+        return s
+
+    def _new_session(self, request: GenerationRequest, session_id: str) -> DecodeSession:
+        gen = request.sampling.make_generator()
+        draft_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        return DecodeSession(session_id, request, gen, draft_gen, draft_length=request.draft_length)
+
+    def _prefill(self, s: DecodeSession, tokens: list[int], start: int) -> None:
+        """Run `tokens` at positions [start, ...), sample the first token, feed the proposer."""
+        sid = s.session_id
+        fwd = self.target.extend(sid, tokens)
+        first = sample(processed_probs(fwd.logits[-1], s.request.sampling), s.generator)
+        s.drafting = self.proposer is not None and (s.request.draft_length != 0 or self.track_context)
+        if s.drafting:
+            if start == 0:
+                self.proposer.open(sid)
+            elif not self._proposer_holds(sid, start):
+                s.drafting = False
+        if s.drafting:
+            self.proposer.append_context(sid, fwd.features, start)
+        s.anchor, s.anchor_pos = first, start + len(tokens)
+        self._commit(s, [first])
+
+    def _proposer_holds(self, session_id: str, length: int) -> bool:
+        try:
+            return self.proposer.context_length(session_id) == length
+        except KeyError:  # NotFound: the proposer released or never had the session
+            return False
+
+    def release(self, s: DecodeSession | str) -> None:
+        """Free a session (or a session id) on the target and the proposer; idempotent."""
+        sid = s if isinstance(s, str) else s.session_id
+        self.target.release(sid)
         if self.proposer is not None:
-            self.proposer.release(s.session_id)
+            self.proposer.release(sid)
 
     def _commit(self, s: DecodeSession, tokens: list[int]) -> None:
         self._commit_tokens(s, tokens)
@@ -140,14 +195,21 @@ class DecodeLoop:
         room = self.target.max_context - s.anchor_pos - 1
         return max(0, min(want, self.proposer.block_size, remaining, room))
 
+    def draft_request(self, s: DecodeSession) -> DraftRequest | None:
+        """This round's draft request for the session, or None when it drafts nothing."""
+        n = self.planned_length(s)
+        if n == 0:
+            return None
+        return DraftRequest(s.session_id, s.anchor, s.anchor_pos, n, s.request.sampling, s.draft_generator)
+
     def draft(self, sessions: list[DecodeSession]) -> tuple[list[Proposal | None], float]:
         """One batched draft for every session that drafts this round."""
         t0 = time.perf_counter()
         reqs, owners = [], []
         for i, s in enumerate(sessions):
-            n = self.planned_length(s)
-            if n > 0:
-                reqs.append(DraftRequest(s.session_id, s.anchor, s.anchor_pos, n, s.request.sampling, s.draft_generator))
+            r = self.draft_request(s)
+            if r is not None:
+                reqs.append(r)
                 owners.append(i)
         out: list[Proposal | None] = [None] * len(sessions)
         if reqs:
@@ -162,9 +224,12 @@ class DecodeLoop:
             return schedule_prefix([proposal.confidences], self.sps)[0]
         return len(proposal)
 
-    def verify(self, s: DecodeSession, proposal: Proposal | None, scheduled: int, draft_ms: float = 0.0) -> RoundStats:
+    def verify(
+        self, s: DecodeSession, proposal: Proposal | None, scheduled: int, draft_ms: float = 0.0, fallback: str = ""
+    ) -> RoundStats:
         """Verify the first `scheduled` draft tokens in one target forward, accept, roll back,
-        and hand the drafter the features of what was accepted."""
+        and hand the drafter the features of what was accepted. `fallback` says why a round that
+        wanted a draft runs without one (the drafter failed)."""
         block = proposal.truncate(scheduled) if proposal is not None else None
         drafts = block.tokens.tolist() if block is not None else []
         fwd = self.target.extend(s.session_id, [s.anchor] + drafts)
@@ -194,6 +259,7 @@ class DecodeLoop:
             confidences=proposal.confidences.tolist() if proposal is not None else [],
             draft_ms=draft_ms,
             verify_ms=fwd.seconds * 1e3,
+            fallback=fallback,
         )
         s.stats.add(r, len(r.tokens))
         return r

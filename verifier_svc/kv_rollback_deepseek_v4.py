@@ -47,12 +47,14 @@ class _RecordingSlidingMixin:
     _fwd_len: int = 0
 
     def _keep_last(self, n: int) -> None:
-        """Keep the last `n` cached positions (K and V; V4 shares one tensor for both)."""
-        if self.keys is None or self.keys.dim() < 4 or self.keys.shape[-2] <= n:  # lazy init leaves a 1-D empty tensor
+        """Keep the last `n` cached positions (K and V; V4 shares one tensor for both). Copies them,
+        so the longer tensor (e.g. a whole prompt's keys) is freed rather than kept alive by a view."""
+        # (lazy initialisation leaves a 1-D empty tensor)
+        if self.keys is None or self.keys.dim() < 4 or self.keys.shape[-2] <= n:
             return
         shared = self.values is self.keys
-        self.keys = self.keys[:, :, self.keys.shape[-2] - n :, :]
-        self.values = self.keys if shared else self.values[:, :, self.values.shape[-2] - n :, :]
+        self.keys = self.keys[:, :, self.keys.shape[-2] - n :, :].clone()
+        self.values = self.keys if shared else self.values[:, :, self.values.shape[-2] - n :, :].clone()
 
     def _commit(self) -> None:
         """Make everything cached final: trim to the window and drop the rollback history."""

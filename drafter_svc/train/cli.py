@@ -1,0 +1,44 @@
+"""`dspark train <step>`: the DSpark training pipeline, one subcommand per step.
+
+    datagen    regenerate answers with the target          (drafter_svc.train.datagen)
+    cache      target features + top-k p_t per sequence    (drafter_svc.train.cache)
+    fit        train the drafter                           (drafter_svc.train.fit)
+    calibrate  STS temperatures on held-out blocks         (drafter_svc.train.calibrate)
+    export     DeepSpec-format checkpoint directory        (drafter_svc.train.export)
+
+Each step module exposes add_arguments(parser) and run(args) (datagen: generate(args))."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+STEPS: dict[str, tuple[str, str]] = {
+    "datagen": ("drafter_svc.train.datagen", "regenerate training answers with the target (resumable)"),
+    "cache": ("drafter_svc.train.cache", "build the target cache: layer features + top-k next-token probs"),
+    "fit": ("drafter_svc.train.fit", "train the DSpark drafter on the cache (resumable)"),
+    "calibrate": ("drafter_svc.train.calibrate", "fit STS confidence temperatures on held-out data"),
+    "export": ("drafter_svc.train.export", "write the DeepSpec-format checkpoint directory"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="step", required=True)
+    # Only the step being run is imported (as dspark's own CLI does), so `--help` stays instant.
+    chosen = next((a for a in sys.argv[1:] if a in STEPS), None)
+    for name, (module, help_text) in STEPS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_step_module=module)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(sp)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    module = importlib.import_module(args._step_module)
+    if args.step == "datagen":
+        module.generate(args)
+        return 0
+    return int(module.run(args) or 0)

@@ -1,0 +1,158 @@
+"""`dspark eval`: acceptance of a drafter on a prompt file, in-process (reference §5 metrics).
+
+Fixed block (draft length = --block-size every round, no confidence scheduler), batch size 1, the
+first turn of every row rendered with the target's chat template. Reported, micro-averaged over
+all rounds of all prompts:
+
+- τ = Σ tokens committed in rounds / #rounds (accepted drafts + the correction/bonus token; the
+  first token, sampled at prefill, belongs to no round). `tau_uncapped` counts every round as
+  m + 1 (m for a round ended by an accepted stop token) even when the last round overshoots
+  max_new_tokens, as DeepSpec does; the two differ only in a prompt's last round.
+- conditional acceptance at draft position k (1-based) = P(m ≥ k | m ≥ k−1, n ≥ k) =
+  #rounds with m ≥ k / #rounds with m ≥ k−1 that verified at least k drafts. With a fixed block
+  this equals DeepSpec's accept_rate@(k−1) / accept_rate@(k−2) except for rounds shortened by the
+  end of the generation, which are counted correctly here.
+- prefix survival accept_rate@(k−1) = #rounds with m ≥ k / #rounds with n ≥ k (DeepSpec's print).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dspark_common.types import RoundStats, SamplingParams
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    proposed: int  # n: draft tokens verified
+    accepted: int  # m: accepted draft tokens (stop token included when it ended the round)
+    committed: int  # tokens this round added to the output
+    stopped_on_draft: bool = False  # an accepted draft token was a stop id (no bonus token)
+
+    @property
+    def acceptance_length(self) -> int:
+        return self.accepted if self.stopped_on_draft else self.accepted + 1
+
+
+def outcome_of(r: RoundStats, stop_ids: frozenset[int] | set[int] = frozenset()) -> RoundOutcome:
+    stopped = any(t in stop_ids for t in r.tokens[: r.accepted]) and len(r.tokens) <= r.accepted
+    return RoundOutcome(r.scheduled, r.accepted, len(r.tokens), stopped)
+
+
+def summarize(outcomes: list[RoundOutcome], block_size: int) -> dict:
+    """τ, conditional acceptance and prefix survival by draft position (1..block_size)."""
+    rounds = len(outcomes)
+    cond: list[float | None] = []
+    survival: list[float | None] = []
+    for k in range(1, block_size + 1):
+        hit = sum(1 for o in outcomes if o.accepted >= k)
+        reached = sum(1 for o in outcomes if o.accepted >= k - 1 and o.proposed >= k)
+        offered = sum(1 for o in outcomes if o.proposed >= k)
+        cond.append(hit / reached if reached else None)
+        survival.append(hit / offered if offered else None)
+    return {
+        "tau": sum(o.committed for o in outcomes) / rounds if rounds else 0.0,
+        "tau_uncapped": sum(o.acceptance_length for o in outcomes) / rounds if rounds else 0.0,
+        "rounds": rounds,
+        "conditional_acceptance": cond,
+        "prefix_survival": survival,
+        "mean_proposed": sum(o.proposed for o in outcomes) / rounds if rounds else 0.0,
+    }
+
+
+def load_prompts(path: str | Path, limit: int = 0) -> list[str]:
+    """First turn of the first `limit` rows (all when 0) of a {"turns": [...]} JSONL file."""
+    out = []
+    for line in Path(path).read_text().split("\n"):  # not splitlines: rows may hold U+2028
+        if line.strip():
+            out.append(json.loads(line)["turns"][0])
+            if limit and len(out) >= limit:
+                break
+    return out
+
+
+def evaluate(stack, prompts: list[str], *, block_size: int, max_new_tokens: int, temperature: float,
+             seed: int = 980406, progress: bool = True) -> dict:
+    """Generate every prompt with a fixed draft length and summarise its rounds."""
+    from tqdm import tqdm
+
+    outcomes: list[RoundOutcome] = []
+    tokens = 0
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(tqdm(prompts, desc="eval", unit="prompt", disable=not progress)):
+        result = stack.generate(stack.encode(prompt), max_new_tokens=max_new_tokens,
+                                sampling=SamplingParams(temperature=temperature, seed=seed + i),
+                                draft_length=block_size)
+        outcomes.extend(outcome_of(r, stack.stop_ids) for r in result.rounds)
+        tokens += len(result.token_ids)
+    summary = summarize(outcomes, block_size)
+    summary.update(prompts=len(prompts), generated_tokens=tokens, seconds=round(time.perf_counter() - t0, 1))
+    return summary
+
+
+def plot_acceptance(results: dict[str, dict], path: str | Path, title: str = "") -> Path:
+    """Conditional acceptance by draft position, one line per labelled result."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for label, res in results.items():
+        ys = res["conditional_acceptance"]
+        xs = [k + 1 for k, y in enumerate(ys) if y is not None]
+        ax.plot(xs, [y for y in ys if y is not None], "o-", label=f"{label} (τ = {res['tau']:.2f})")
+    ax.set_xlabel("draft position k")
+    ax.set_ylabel("P(accept k | 1..k−1 accepted)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dspark_common.settings import GenerateSettings
+
+    p.add_argument("--dataset", required=True, help='JSONL file of {"turns": [...]} rows (first turn used)')
+    p.add_argument("--limit", type=int, default=0, help="first N prompts (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=7, help="draft tokens per round (fixed)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=980406, help="prompt i is sampled with seed + i")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", default="", help="write a PNG of conditional acceptance by position")
+    GenerateSettings.add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dspark_common.settings import GenerateSettings
+    from verifier_svc.local_stack import build_local_loop
+
+    settings = GenerateSettings.from_sources(args, threads=args.threads or 1)
+    stack = build_local_loop(settings, profile=False)
+    prompts = load_prompts(args.dataset, args.limit)
+    res = evaluate(stack, prompts, block_size=args.block_size, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, seed=args.seed, progress=not args.json)
+    res.update(dataset=Path(args.dataset).stem, drafter=stack.drafter_name, temperature=args.temperature,
+               block_size=args.block_size, max_new_tokens=args.max_new_tokens)
+    if args.plot:
+        plot_acceptance({Path(args.dataset).stem: res}, args.plot, f"{stack.drafter_name}, T={args.temperature}")
+    if args.json:
+        print(json.dumps(res))
+    else:
+        cond = " ".join("-" if c is None else f"{c:.3f}" for c in res["conditional_acceptance"])
+        print(f"{res['dataset']}: τ = {res['tau']:.3f} over {res['rounds']} rounds, {res['prompts']} prompts "
+              f"(T={args.temperature}, block {args.block_size}, {args.max_new_tokens} new tokens)")
+        print(f"conditional acceptance by position: {cond}", file=sys.stdout)
+    return 0

@@ -1,0 +1,330 @@
+"""`dspark train fit`: the DSpark training loop over a target cache (reference §4.6).
+
+AdamW (torch default betas/eps, weight decay 0) on the trainable parameters only (embed_tokens and
+lm_head stay frozen copies of the target), lr warmup over the first 4% of steps then cosine to 0,
+grad-norm clip 1.0. One optimizer step = `batch_seqs` sequences, each run as its own forward (no
+padding, no dummy blocks) with the loss terms divided by the batch's total weight Σw (DeepSpec's
+shared denominator).
+
+The run directory holds `config.json` (the draft config), `fit_options.json`, `log.jsonl` (one
+line per step), `state/training_state.pt` (trainable weights, optimizer, RNG states, step, data
+order: a restart resumes exactly where the last checkpoint was) and `loss_curves.png`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dspark_common.errors import FailedPrecondition
+from drafter_svc.config import DSparkConfig
+from drafter_svc.dspark_model import DSparkDrafter
+from drafter_svc.train.cache import CacheReader, CachedSequence
+from drafter_svc.train.objective import LossWeights, block_targets, combine, dspark_loss_sums, sample_anchors
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "state"
+STATE_FILE = "training_state.pt"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class FitOptions:
+    steps: int = 600
+    batch_seqs: int = 4
+    num_anchors: int = 48
+    layers: int = 2
+    markov_rank: int = 64
+    markov_head_type: str = "vanilla"
+    block_size: int = 7
+    lr: float = 6e-4
+    warmup_frac: float = 0.04
+    clip: float = 1.0
+    alpha_ce: float = 0.1
+    alpha_tv: float = 0.9
+    alpha_conf: float = 1.0
+    seed: int = 42
+    ckpt_every: int = 50
+    mask_token_id: int | None = None
+
+    # options that change what is trained; a resume must not change them
+    MODEL_KEYS = ("steps", "batch_seqs", "num_anchors", "layers", "markov_rank", "markov_head_type", "block_size",
+                  "lr", "warmup_frac", "clip", "alpha_ce", "alpha_tv", "alpha_conf", "seed", "mask_token_id")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lr_at(step: int, opts: FitOptions) -> float:
+    """Linear warmup over ceil(warmup_frac·steps) steps, then cosine to 0 at `steps`."""
+    warm = max(1, math.ceil(opts.warmup_frac * opts.steps))
+    if step < warm:
+        return opts.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, opts.steps - warm)
+    return opts.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def draft_config(target_config, layer_ids: list[int], opts: FitOptions) -> DSparkConfig:
+    from drafter_svc.loading import SMOLLM2_MASK_TOKEN_ID
+
+    mask = opts.mask_token_id
+    if mask is None:
+        vocab = int(target_config.vocab_size)
+        mask = SMOLLM2_MASK_TOKEN_ID if vocab == 49152 else vocab - 1
+    return DSparkConfig.from_target(
+        target_config, num_hidden_layers=opts.layers, target_layer_ids=list(layer_ids), block_size=opts.block_size,
+        mask_token_id=mask, markov_rank=opts.markov_rank, markov_head_type=opts.markov_head_type,
+        enable_confidence_head=True, num_anchors=opts.num_anchors,
+    )
+
+
+def build_model(config: DSparkConfig, target, seed: int) -> DSparkDrafter:
+    torch.manual_seed(seed)
+    model = DSparkDrafter(config)
+    model.init_from_target(target.get_input_embeddings().weight.detach().float(),
+                           target.get_output_embeddings().weight.detach().float(), freeze=True)
+    return model
+
+
+def trainable_state(model: DSparkDrafter) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if n in names}
+
+
+def sequence_sums(model: DSparkDrafter, seq: CachedSequence, anchors, keep, labels, weights):
+    """Forward one cached sequence's blocks and return the loss sums."""
+    out = model.forward_train(seq.features[None].float(), seq.input_ids[None], anchors[None], keep[None])
+    block = model.config.block_size
+    pos = (anchors[:, None] + torch.arange(block)[None, :]).clamp(max=seq.input_ids.shape[0] - 1)
+    conf = out.confidence_logits[0] if out.confidence_logits is not None else None
+    return dspark_loss_sums(out.logits[0], conf, labels, weights, seq.topk_ids[pos], seq.topk_probs[pos])
+
+
+class Trainer:
+    def __init__(self, target, cache_dir: str | Path, run_dir: str | Path, opts: FitOptions,
+                 *, progress: bool = True) -> None:
+        self.reader = CacheReader(cache_dir, "train")
+        if len(self.reader) == 0:
+            raise FailedPrecondition(f"the target cache {cache_dir} has no training sequences")
+        self.run_dir = Path(run_dir)
+        self.opts = opts
+        self.progress = progress
+        layer_ids = self.reader.manifest["target_layer_ids"]
+        self.config = draft_config(target.config, layer_ids, opts)
+        self.model = build_model(self.config, target, opts.seed).train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=0.0)
+        self.alphas = LossWeights(opts.alpha_ce, opts.alpha_tv, opts.alpha_conf)
+        self.step = 0
+        self.epoch = 0
+        self.order: list[str] = []
+        self.pos = 0
+        self.anchor_gen = torch.Generator().manual_seed(opts.seed)
+        self._resume_or_init()
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / STATE_DIR / STATE_FILE
+
+    def _resume_or_init(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        opts_path = self.run_dir / "fit_options.json"
+        if self.state_path.is_file():
+            old = json.loads(opts_path.read_text()) if opts_path.is_file() else {}
+            changed = [k for k in FitOptions.MODEL_KEYS if k in old and old[k] != getattr(self.opts, k)]
+            if changed:
+                raise FailedPrecondition(f"cannot resume {self.run_dir}: options changed {changed}")
+            state = torch.load(self.state_path, weights_only=False)
+            self.model.load_state_dict(state["model"], strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.epoch, self.order, self.pos = state["step"], state["epoch"], state["order"], state["pos"]
+            self.anchor_gen.set_state(state["anchor_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            random.setstate(state["py_rng"])
+            log.info("resumed %s at step %d", self.run_dir, self.step)
+            # log lines past the checkpoint belong to steps that will be redone
+            self._truncate_log(self.step)
+        else:
+            (self.run_dir / LOG_FILE).unlink(missing_ok=True)
+        opts_path.write_text(json.dumps(self.opts.to_dict(), indent=2))
+        (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
+
+    def _truncate_log(self, step: int) -> None:
+        path = self.run_dir / LOG_FILE
+        if path.is_file():
+            keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+            path.write_text("".join(l + "\n" for l in keep))
+
+    def save_state(self) -> Path:
+        path = self.state_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({
+            "model": trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "epoch": self.epoch, "order": self.order, "pos": self.pos,
+            "anchor_rng": self.anchor_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "py_rng": random.getstate(), "options": self.opts.to_dict(), "config": self.config.to_dict(),
+        }, tmp)
+        tmp.rename(path)
+        return path
+
+    # ---------------------------------------------------------------- data
+
+    def _next_key(self) -> str:
+        if self.pos >= len(self.order):
+            if self.order:
+                self.epoch += 1
+            self.reader.refresh("train")  # pick up shards a concurrent cache build added
+            g = torch.Generator().manual_seed(self.opts.seed * 100_003 + self.epoch)
+            keys = self.reader.keys
+            self.order = [keys[i] for i in torch.randperm(len(keys), generator=g).tolist()]
+            self.pos = 0
+        key = self.order[self.pos]
+        self.pos += 1
+        return key
+
+    # ---------------------------------------------------------------- training
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        block = self.config.block_size
+        batch = []
+        for _ in range(self.opts.batch_seqs):
+            seq = self.reader.get(self._next_key())
+            anchors, keep = sample_anchors(seq.loss_mask, self.opts.num_anchors, self.anchor_gen, pad=False)
+            labels, _, weights = block_targets(seq.input_ids, seq.loss_mask, anchors, keep, block)
+            batch.append((seq, anchors, keep, labels, weights))
+        denominator = sum(float(w.sum()) for *_, w in batch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.step, self.opts)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"ce": 0.0, "tv": 0.0, "conf": 0.0, "loss": 0.0}
+        slot_acc = torch.zeros(block)
+        slot_n = torch.zeros(block)
+        tau_sum, blocks = 0.0, 0
+        for seq, anchors, keep, labels, weights in batch:
+            sums = sequence_sums(self.model, seq, anchors, keep, labels, weights)
+            loss, parts = combine(sums, denominator, self.alphas)
+            loss.backward()
+            for k in totals:
+                totals[k] += parts[k]
+            slot_acc += sums.slot_accept
+            slot_n += sums.slot_count
+            tau_sum += sums.tau_prob
+            blocks += sums.blocks
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.opts.clip))
+        self.optimizer.step()
+        self.step += 1
+        return {
+            "step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+            **{k: round(v, 5) for k, v in totals.items()},
+            "grad_norm": round(grad_norm, 4),
+            "accept_by_slot": [round(float(a / max(n, 1.0)), 4) for a, n in zip(slot_acc, slot_n)],
+            "tau_prob": round(tau_sum / max(blocks, 1), 4),
+            "blocks": blocks, "sec": round(time.perf_counter() - t0, 3), "time": round(time.time(), 1),
+        }
+
+    def fit(self, until: int | None = None) -> list[dict]:
+        """Train to `opts.steps` (or `until`), checkpointing every ckpt_every steps and at the end."""
+        end = min(self.opts.steps, until or self.opts.steps)
+        records = []
+        bar = tqdm(total=self.opts.steps, initial=self.step, desc="fit", unit="step", disable=not self.progress)
+        with (self.run_dir / LOG_FILE).open("a") as fh:
+            while self.step < end:
+                rec = self.train_step()
+                records.append(rec)
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                bar.set_postfix(loss=rec["loss"], tau=rec["tau_prob"], s=rec["sec"])
+                bar.update(1)
+                if self.step % self.opts.ckpt_every == 0 or self.step == end:
+                    self.save_state()
+        bar.close()
+        return records
+
+
+def plot_curves(log_path: str | Path, png_path: str | Path, extra: dict[str, str | Path] | None = None) -> Path:
+    """Loss terms and tau_probabilistic against step (moving average over 20 steps). `extra`
+    maps a label to another run's log to overlay (e.g. the rank-0 ablation)."""
+    from matplotlib.figure import Figure
+
+    runs = {"DSpark": Path(log_path), **{k: Path(v) for k, v in (extra or {}).items()}}
+    fig = Figure(figsize=(13, 3.4), layout="constrained")
+    axes = fig.subplots(1, 5)
+    for label, path in runs.items():
+        if not path.is_file():
+            continue
+        recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        steps = [r["step"] for r in recs]
+        for ax, key in zip(axes, ("loss", "ce", "tv", "conf", "tau_prob")):
+            vals = [r[key] for r in recs]
+            smooth = [sum(vals[max(0, i - 19): i + 1]) / len(vals[max(0, i - 19): i + 1]) for i in range(len(vals))]
+            ax.plot(steps, smooth, label=label)
+            ax.set_title(key if key != "tau_prob" else "tau_probabilistic (train)", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+    axes[0].legend(fontsize=8)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, format="png", dpi=90)
+    return png_path
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = FitOptions()
+    p.add_argument("--model", default="smollm2", help="target model spec (for the frozen embed/lm_head)")
+    p.add_argument("--cache", default="runs/smollm2/cache")
+    p.add_argument("--out", default="runs/smollm2/fit")
+    for f in dataclasses.fields(FitOptions):
+        default = getattr(d, f.name)
+        kind = {int: int, float: float, str: str}.get(type(default), int)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default)
+    p.add_argument("--until", type=int, default=0, help="stop (resumably) after this step")
+    p.add_argument("--threads", type=int, default=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from verifier_svc.target_loading import load_target
+
+    torch.set_num_threads(args.threads)
+    opts = FitOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FitOptions)})
+    target = load_target(args.model)
+    trainer = Trainer(target.model, args.cache, args.out, opts)
+    del target
+    print(f"training {sum(p.numel() for p in trainer.params) / 1e6:.2f}M parameters on "
+          f"{len(trainer.reader)} cached sequences, from step {trainer.step} to {opts.steps}")
+    trainer.fit(args.until or None)
+    plot_curves(Path(args.out) / LOG_FILE, Path(args.out) / "loss_curves.png")
+    return 0
+
+
+def load_run_model(run_dir: str | Path, target=None) -> DSparkDrafter:
+    """The drafter of a fit run at its last checkpoint. With `target` the frozen embed/lm_head are
+    copied from it; without, they stay random (fine for export, which omits them)."""
+    run_dir = Path(run_dir)
+    config = DSparkConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    state_path = run_dir / STATE_DIR / STATE_FILE
+    if not state_path.is_file():
+        raise FailedPrecondition(f"no training state at {state_path}")
+    state = torch.load(state_path, weights_only=False)
+    model = build_model(config, target, 0) if target is not None else DSparkDrafter(config)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if unexpected or set(missing) - {"embed_tokens.weight", "lm_head.weight"}:
+        raise FailedPrecondition(f"training state does not match the run config: missing {missing}, "
+                                 f"unexpected {unexpected}")
+    return model.eval()

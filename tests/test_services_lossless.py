@@ -1,0 +1,146 @@
+"""Drafter and verifier as real gRPC services on loopback: greedy output through them is
+token-identical to target-only decoding, for every draft length, alone and concurrently; a later
+turn reuses the cached prefix; cancelling frees the KV on both services."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dspark_common.proto import drafter_pb2, drafter_pb2_grpc, verifier_pb2
+from tests.service_stack import (
+    decode,
+    models,
+    open_msg,
+    prompts,
+    start_drafter,
+    start_verifier,
+    target_only,
+    verifier_stub,
+    wait_for,
+)
+
+MAX_NEW = 16
+
+
+@pytest.fixture
+async def stack():
+    target, drafter = models()
+    d = await start_drafter(drafter)
+    v = await start_verifier(target, [d.address])
+    channel, stub = verifier_stub(v.address)
+    dchannel = grpc.aio.insecure_channel(d.address)
+    yield target, d, v, stub, drafter_pb2_grpc.DrafterStub(dchannel)
+    await channel.close()
+    await dchannel.close()
+    await v.stop()
+    await d.stop()
+
+
+async def test_greedy_identical_for_every_draft_length(stack):
+    target, d, v, stub, _ = stack
+    ps = prompts(20, seed=1)
+    want = [target_only(target, p, MAX_NEW) for p in ps]
+    proposed = accepted = 0
+    for dl in [0, 1, 2, 3, 4, 5, 6, 7, 8, "auto"]:
+        gens = await asyncio.gather(*(decode(stub, open_msg(p, MAX_NEW, dl)) for p in ps))
+        for p, w, g in zip(ps, want, gens):
+            assert g.tokens == w, (dl, p)
+            assert g.summary.finish_reason == "length" and g.summary.generated_tokens == MAX_NEW
+            assert all(not r.fallback for r in g.rounds)
+            assert sum(r.accepted for r in g.rounds) == g.summary.stats.accepted_draft_tokens
+            if dl != 0:
+                assert g.opened.drafter == d.address
+            if isinstance(dl, int) and dl:
+                assert max(r.proposed for r in g.rounds) == dl
+        proposed += sum(g.summary.stats.draft_tokens for g in gens)
+        accepted += sum(g.summary.stats.accepted_draft_tokens for g in gens)
+        if dl == 0:
+            assert all(r.proposed == 0 for g in gens for r in g.rounds)
+    assert proposed > 1000 and accepted > 0
+    stats = await stub.Stats(verifier_pb2.VerifierStatsRequest())
+    assert stats.sessions == 0 and stats.kv_slots_in_use == 0 and stats.fallback_rounds == 0
+
+
+async def test_concurrent_sessions_match_alone(stack):
+    target, d, v, stub, dstub = stack
+    ps = prompts(8, seed=2)
+    opens = [open_msg(p, 24, dl, temperature=t, seed=i)
+             for i, p in enumerate(ps) for dl, t in [(5, 0.0), ("auto", 0.9)]]
+    alone = [await decode(stub, o) for o in opens]
+    together = await asyncio.gather(*(decode(stub, o) for o in opens))
+    for a, b in zip(alone, together):
+        assert a.tokens == b.tokens
+    for o, a in zip(opens[::2], alone[::2]):
+        assert a.tokens == target_only(target, list(o.open.prompt_ids), 24)
+    dstats = await dstub.Stats(drafter_pb2.DrafterStatsRequest())
+    assert dstats.max_batch > 1  # concurrent sessions were drafted in one batched forward
+
+
+async def test_multi_turn_reuses_cached_prefix(stack):
+    target, d, v, stub, dstub = stack
+    p = prompts(1, seed=3)[0]
+    first = await decode(stub, open_msg(p, 10, 4, keep=True))
+    h = first.summary.handle
+    assert h.session_id and h.length == len(p) + 10 - 1
+    history = p + first.tokens + [7, 8, 9]
+    second = await decode(stub, open_msg(history, 12, 4, handle=h, keep=True))
+    assert second.opened.reused_tokens == h.length
+    assert second.tokens == target_only(target, history, 12)
+    assert any(r.proposed for r in second.rounds) and not any(r.fallback for r in second.rounds)
+    # The old handle is now stale (its length moved on); a history that does not extend is refused.
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await decode(stub, open_msg(history + second.tokens, 4, handle=h))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    h2 = second.summary.handle
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await decode(stub, open_msg([1, 2, 3] + history, 4, handle=h2))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "extend" in e.value.details()
+    # Release frees it on both services.
+    await wait_for(lambda: _sessions(stub, dstub, (1, 1)))
+    await stub.Release(verifier_pb2.ReleaseSessionRequest(handle=h2))
+    await wait_for(lambda: _sessions(stub, dstub, (0, 0)))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Release(verifier_pb2.ReleaseSessionRequest(handle=h2))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def _sessions(stub, dstub, want):
+    v = await stub.Stats(verifier_pb2.VerifierStatsRequest())
+    d = await dstub.Stats(drafter_pb2.DrafterStatsRequest())
+    return (v.kv_slots_in_use, d.sessions) == want
+
+
+async def test_cancel_frees_kv_on_both_services(stack):
+    target, d, v, stub, dstub = stack
+    # Client-side cancel of the stream, mid-generation.
+    call = stub.Decode(iter([open_msg(prompts(1, seed=4)[0], 400, 6)]))
+    n = 0
+    async for ev in call:
+        n += ev.WhichOneof("kind") == "round"
+        if n == 4:
+            break
+    busy = await stub.Stats(verifier_pb2.VerifierStatsRequest())
+    assert busy.kv_slots_in_use == 1 and busy.kv_positions > 0
+    call.cancel()
+    await wait_for(lambda: _sessions(stub, dstub, (0, 0)))
+    # A Cancel message: the stream ends with a "cancelled" Summary, kept or not.
+    queue: asyncio.Queue = asyncio.Queue()
+    await queue.put(open_msg(prompts(1, seed=5)[0], 400, 6, keep=True))
+
+    async def requests():
+        while (m := await queue.get()) is not None:
+            yield m
+
+    rounds, summary = 0, None
+    async for ev in stub.Decode(requests()):
+        if ev.WhichOneof("kind") == "round":
+            rounds += 1
+            if rounds == 3:
+                await queue.put(verifier_pb2.DecodeRequest(cancel=verifier_pb2.Cancel()))
+        elif ev.WhichOneof("kind") == "summary":
+            summary = ev.summary
+            await queue.put(None)
+    assert summary.finish_reason == "cancelled" and not summary.handle.session_id
+    await wait_for(lambda: _sessions(stub, dstub, (0, 0)))

@@ -1,0 +1,350 @@
+"""The verifier gRPC service (`dspark verifier`): a thin adapter from `dspark.v1.Verifier` to the
+decode loop.
+
+Owns the per-session async driver of a Decode stream — start (or resume a kept session), then per
+round: draft over the network (`RemoteProposer.propose_one`), schedule, verify on the target
+worker thread, stream a Round event — and the registry of sessions and their KV handles. Every
+target forward runs on ONE worker thread, so the event loop never blocks on the model. A failed
+drafter turns a round into a target-only round (the Round says why); generation never fails
+because of the drafter."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from transformers import PreTrainedModel
+
+from dspark_common.errors import DSparkError, FailedPrecondition, InvalidRequest, NotFound
+from dspark_common.grpc_server import GrpcServer, serve_until_signal
+from dspark_common.grpc_status import abort
+from dspark_common.proto import common_pb2, verifier_pb2, verifier_pb2_grpc
+from dspark_common.settings import VerifierSettings
+from dspark_common.types import RoundStats, validate_draft_length
+from dspark_common.wire import sampling_from_proto, stats_to_proto
+from verifier_svc.decode_loop import DecodeLoop, DecodeSession, GenerationRequest
+from verifier_svc.drafter_client import DraftOutcome, RemoteProposer
+from verifier_svc.scheduler import SpsTable
+from verifier_svc.sps_profile import profile_sps
+from verifier_svc.target_engine import TargetEngine
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "dspark.v1.Verifier"
+
+
+def draft_length_from_proto(d: verifier_pb2.DraftLength) -> int | str:
+    if d.WhichOneof("value") == "tokens":
+        return validate_draft_length(int(d.tokens))
+    return "auto"
+
+
+def round_to_proto(r: RoundStats, *, prefill: bool = False) -> verifier_pb2.Round:
+    return verifier_pb2.Round(
+        tokens=r.tokens, proposed=r.proposed, scheduled=r.scheduled, accepted=r.accepted, confidences=r.confidences,
+        draft_ms=r.draft_ms, verify_ms=r.verify_ms, fallback=r.fallback, prefill=prefill,
+    )
+
+
+@dataclass
+class _Entry:
+    """A session the verifier holds target KV for."""
+
+    epoch: int
+    keep: bool
+    running: bool = True
+    length: int = 0  # cached positions when idle (what a continuing handle must say)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class VerifierService(verifier_pb2_grpc.VerifierServicer):
+    def __init__(self, loop: DecodeLoop, proposer: RemoteProposer | None, executor: ThreadPoolExecutor, *,
+                 replica_id: str) -> None:
+        self.loop = loop
+        self.proposer = proposer
+        self.replica_id = replica_id
+        self._executor = executor
+        self._entries: dict[str, _Entry] = {}
+        self._epochs = itertools.count(time.time_ns() // 1000)
+        self._rounds = 0
+        self._fallbacks: Counter[str] = Counter()
+
+    async def _work(self, fn, *args):
+        """Run target work on the one worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ---- sessions -------------------------------------------------------------------------
+    def _parse_open(self, o: verifier_pb2.OpenSession) -> GenerationRequest:
+        if not o.max_new_tokens:
+            raise InvalidRequest("max_new_tokens must be a positive integer", "max_new_tokens")
+        request = GenerationRequest(
+            prompt_ids=[int(t) for t in o.prompt_ids], max_new_tokens=int(o.max_new_tokens),
+            sampling=sampling_from_proto(o.sampling), draft_length=draft_length_from_proto(o.draft_length),
+            stop_ids=frozenset(int(t) for t in o.stop_ids),
+        )
+        return request.validate(self.loop.target)
+
+    def _check_handle(self, h: common_pb2.KvHandle, *, check_length: bool = True) -> _Entry:
+        if h.replica_id != self.replica_id:
+            raise FailedPrecondition(
+                f"handle names verifier replica {h.replica_id!r} but this is {self.replica_id!r} (restarted?): "
+                "open a new session with the full history"
+            )
+        entry = self._entries.get(h.session_id)
+        if entry is None:
+            raise NotFound(f"unknown session {h.session_id!r} (released or evicted): open it again with the full history")
+        if entry.epoch != h.epoch:
+            raise FailedPrecondition(f"stale handle for session {h.session_id!r}: epoch {h.epoch}, current {entry.epoch}")
+        if entry.running:
+            raise FailedPrecondition(f"session {h.session_id!r} is generating; wait for its Summary or cancel it")
+        if check_length and entry.length != h.length:
+            raise FailedPrecondition(
+                f"handle for session {h.session_id!r} says {h.length} cached positions, the verifier holds {entry.length}"
+            )
+        return entry
+
+    async def _make_room(self) -> None:
+        """At the session limit, evict the least recently used kept session that is idle."""
+        if self.loop.target.num_sessions < self.loop.target.max_sessions:
+            return
+        idle = [(e.last_used, sid) for sid, e in self._entries.items() if not e.running]
+        if idle:
+            sid = min(idle)[1]
+            log.info("evicting idle kept session %s", sid)
+            await self._release(sid)
+
+    async def _open(self, o: verifier_pb2.OpenSession) -> tuple[DecodeSession, _Entry, int]:
+        request = self._parse_open(o)
+        if o.handle.session_id:
+            entry = self._check_handle(o.handle)
+            sid, reused = o.handle.session_id, entry.length
+            entry.running, entry.keep = True, o.keep_session
+            try:
+                s = await self._work(self.loop.resume, request, sid)
+            except BaseException:
+                self._entries.pop(sid, None)  # resume released the session
+                raise
+            return s, entry, reused
+        sid = o.session_id or uuid.uuid4().hex
+        if sid in self._entries:
+            raise FailedPrecondition(f"session {sid!r} exists: continue it with its handle or release it first")
+        await self._make_room()
+        entry = self._entries[sid] = _Entry(next(self._epochs), o.keep_session)
+        try:
+            s = await self._work(self.loop.start, request, sid)
+        except BaseException:
+            self._entries.pop(sid, None)
+            raise
+        return s, entry, 0
+
+    async def _release(self, sid: str) -> bool:
+        if self._entries.pop(sid, None) is None:
+            return False
+        await self._work(self.loop.release, sid)
+        return True
+
+    def _handle(self, sid: str, entry: _Entry) -> common_pb2.KvHandle:
+        return common_pb2.KvHandle(replica_id=self.replica_id, session_id=sid, epoch=entry.epoch, length=entry.length)
+
+    # ---- Decode ----------------------------------------------------------------------------
+    async def Decode(self, request_iterator, context: grpc.aio.ServicerContext):
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            await abort(context, InvalidRequest("the Decode stream ended before an open message", "open"))
+        if first.WhichOneof("kind") != "open":
+            await abort(context, InvalidRequest("the first Decode message must be open", "open"))
+        try:
+            s, entry, reused = await self._open(first.open)
+        except DSparkError as e:
+            await abort(context, e)
+        sid, t0 = s.session_id, time.perf_counter()
+        state = {"done": False, "cancel": False, "error": None}
+
+        def on_done(_ctx) -> None:  # cancelled, failed or finished: free what is not kept
+            entry.running, entry.last_used = False, time.monotonic()
+            if not (state["done"] and entry.keep):
+                asyncio.ensure_future(self._release(sid))
+
+        context.add_done_callback(on_done)
+        control = asyncio.get_running_loop().create_task(self._control(requests, s, state))
+        try:
+            yield verifier_pb2.DecodeEvent(opened=verifier_pb2.Opened(
+                session_id=sid, prompt_tokens=len(s.request.prompt_ids), reused_tokens=reused,
+                drafter=self.proposer.drafter_of(sid) if self.proposer is not None and s.drafting else "",
+            ))
+            yield verifier_pb2.DecodeEvent(round=verifier_pb2.Round(tokens=s.output, prefill=True))
+            while not s.done and not state["cancel"]:
+                if state["error"] is not None:
+                    await abort(context, state["error"])
+                r = await self._round(s)
+                yield verifier_pb2.DecodeEvent(round=round_to_proto(r))
+            entry.length = s.anchor_pos
+            finish = s.finish_reason if s.done else "cancelled"
+            state["done"] = finish != "cancelled"
+            yield verifier_pb2.DecodeEvent(summary=verifier_pb2.Summary(
+                finish_reason=finish, stats=stats_to_proto(s.stats), generated_tokens=len(s.output),
+                seconds=time.perf_counter() - t0, handle=self._handle(sid, entry) if entry.keep and state["done"] else None,
+            ))
+        finally:
+            control.cancel()
+
+    async def _round(self, s: DecodeSession) -> RoundStats:
+        r = self.loop.draft_request(s)
+        outcome, draft_ms = DraftOutcome(None), 0.0
+        if r is not None:
+            t0 = time.perf_counter()
+            outcome = await self.proposer.propose_one(r)
+            draft_ms = (time.perf_counter() - t0) * 1e3
+        scheduled = self.loop.schedule(s, outcome.proposal)
+        rs = await self._work(self.loop.verify, s, outcome.proposal, scheduled, draft_ms, outcome.fallback)
+        self._rounds += 1
+        if rs.fallback:
+            self._fallbacks[rs.fallback.split(":")[0]] += 1
+        return rs
+
+    async def _control(self, requests, s: DecodeSession, state: dict) -> None:
+        """Messages after open: change the draft length, cancel."""
+        try:
+            async for m in requests:
+                kind = m.WhichOneof("kind")
+                if kind == "cancel":
+                    state["cancel"] = True
+                    return
+                if kind == "set_draft_length":
+                    s.draft_length = draft_length_from_proto(m.set_draft_length)
+                else:
+                    raise InvalidRequest(f"unexpected {kind or 'empty'} message after open", kind or "kind")
+        except DSparkError as e:
+            state["error"] = e
+
+    # ---- unary RPCs ------------------------------------------------------------------------
+    async def Release(self, request: verifier_pb2.ReleaseSessionRequest, context) -> verifier_pb2.ReleaseSessionReply:
+        h = request.handle
+        try:
+            self._check_handle(h, check_length=False)
+        except DSparkError as e:
+            await abort(context, e)
+        return verifier_pb2.ReleaseSessionReply(released=await self._release(h.session_id))
+
+    async def Stats(self, request, context) -> verifier_pb2.VerifierStats:
+        target = self.loop.target
+        slots, positions = await self._work(lambda: (target.num_sessions, target.cached_positions()))
+        links = self.proposer.link_stats() if self.proposer is not None else []
+        return verifier_pb2.VerifierStats(
+            replica_id=self.replica_id, sessions=len(self._entries),
+            running=sum(e.running for e in self._entries.values()), kv_slots_in_use=slots,
+            max_sessions=target.max_sessions, kv_positions=positions, rounds=self._rounds,
+            fallback_rounds=sum(self._fallbacks.values()), fallbacks_by_reason=dict(self._fallbacks),
+            drafters=[verifier_pb2.DrafterLink(**link) for link in links],
+        )
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+class VerifierServer:
+    """The verifier service on a grpc.aio server: discovers the drafters' feature layout, builds
+    the target engine and decode loop, profiles SPS (unless given), and serves."""
+
+    def __init__(self, model: PreTrainedModel, settings: VerifierSettings, *, sps: SpsTable | None = None) -> None:
+        self.model = model
+        self.settings = settings
+        self.replica_id = settings.replica_id or uuid.uuid4().hex[:12]
+        self._sps = sps
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-worker")
+        self.proposer: RemoteProposer | None = None
+        self.service: VerifierService | None = None
+        self._grpc: GrpcServer | None = None
+
+    @property
+    def port(self) -> int:
+        return self._grpc.port if self._grpc is not None else 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def _connect_drafters(self) -> list[int]:
+        st = self.settings
+        layers = list(st.feature_layers)
+        if not st.drafter:
+            return []
+        proposer = RemoteProposer(
+            st.drafter, replica_id=self.replica_id, deadline_s=st.draft_deadline_ms / 1e3,
+            backoff_s=(st.reconnect_min_ms / 1e3, st.reconnect_max_ms / 1e3),
+            max_message_bytes=st.max_message_mb << 20, wire_dtype=st.feature_wire_dtype,
+        )
+        if not await proposer.start(st.drafter_wait_s):
+            log.warning("no drafter of %s answered within %.0f s: serving target-only", st.drafter, st.drafter_wait_s)
+            await proposer.stop()
+            return []
+        info, cfg = proposer.info, self.model.config
+        wanted = {"vocab_size": int(self.model.get_output_embeddings().weight.shape[0]),
+                  "hidden_size": int(cfg.hidden_size), "num_target_layers": int(cfg.num_hidden_layers)}
+        for name, value in wanted.items():
+            if getattr(info, name) != value:
+                await proposer.stop()
+                raise FailedPrecondition(f"the drafter was built for a target with {name} {getattr(info, name)}, "
+                                         f"this target has {value}")
+        if layers and layers != list(info.target_layer_ids):
+            await proposer.stop()
+            raise FailedPrecondition(f"--feature-layers {layers} differ from the drafter's {list(info.target_layer_ids)}")
+        self.proposer = proposer
+        return list(info.target_layer_ids)
+
+    async def start(self) -> int:
+        st = self.settings
+        layers = await self._connect_drafters()
+        target = TargetEngine(self.model, feature_layer_ids=layers, max_sessions=st.max_sessions,
+                              max_context=st.max_context or None)
+        sps = self._sps
+        if sps is None and st.profile_sps:
+            block = self.proposer.block_size if self.proposer is not None else 1
+            sps = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: profile_sps(target, max_tokens=block + 1))
+        loop = DecodeLoop(target, self.proposer, sps=sps, track_context=True)
+        self.service = VerifierService(loop, self.proposer, self._executor, replica_id=self.replica_id)
+        self._grpc = GrpcServer([(verifier_pb2_grpc.add_VerifierServicer_to_server, self.service, SERVICE_NAME)],
+                                host=st.host, port=st.port, max_message_bytes=st.max_message_mb << 20)
+        return await self._grpc.start()
+
+    async def stop(self, grace: float | None = 0.5) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self.proposer is not None:
+            await self.proposer.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    VerifierSettings.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from verifier_svc.target_loading import load_target
+
+    settings = VerifierSettings.from_sources(args)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    target = load_target(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
+
+    async def main() -> None:
+        server = VerifierServer(target.model, settings)
+        await server.start()
+        print(f"dspark verifier listening on {server.address} (replica {server.replica_id}, "
+              f"drafters {settings.drafter or 'none'})", flush=True)
+        await serve_until_signal(server.stop)
+
+    asyncio.run(main())
+    return 0
