@@ -29,7 +29,6 @@ from drafter_svc.checkpoint import CONFIG_NAME, FROZEN_FLAG, load_checkpoint
 from drafter_svc.config import DSparkConfig
 from drafter_svc.draft_engine import DraftEngine
 from drafter_svc.dspark_model import DSparkDrafter
-from drafter_svc.loading import load_drafter
 from dspark_common.errors import DSparkError, FailedPrecondition, InvalidRequest, NotFound
 from dspark_common.grpc_server import GrpcServer, serve_until_signal
 from dspark_common.grpc_status import abort, session_error
@@ -246,7 +245,7 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
                 f"stale handle for session {w.session_id!r}: epoch {w.epoch}, current epoch {owner.epoch}"
             )
         held = self.engine.context_length(w.session_id)
-        if w.length != held:
+        if (w.context is not None or w.draft is not None) and w.length != held:
             raise FailedPrecondition(
                 f"handle for session {w.session_id!r} says {w.length} context positions, the drafter holds {held}"
             )
@@ -472,6 +471,7 @@ def load_model(settings: DrafterSettings) -> DSparkDrafter:
             raise FailedPrecondition(f"no DSpark checkpoint at {spec} (no {CONFIG_NAME})")
         if not json.loads(config_path.read_text()).get(FROZEN_FLAG):
             return load_checkpoint(spec, dtype=dtype, device=settings.device)
+    from drafter_svc.loading import load_drafter  # imports transformers: only when a target is needed
     from verifier_svc.target_loading import load_target
 
     target = load_target(settings.target, dtype=dtype, device=settings.device)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+
 import pytest
 
 from dspark_common.proto import drafter_pb2, drafter_pb2_grpc, verifier_pb2

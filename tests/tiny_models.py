@@ -31,7 +31,12 @@ def deepseek_v4_config(vocab: int = 256, hidden: int = 64, layers: int = 4):
         moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
         num_hash_layers=0, sliding_window=8, compress_rates={"compressed_sparse_attention": 4,
                                                              "heavily_compressed_attention": 8},
-        index_n_heads=2, index_head_dim=16, index_topk=4, max_position_embeddings=512, eos_token_id=vocab - 2,
+        # index_topk >= the number of compressed entries (512 / 4): transformers' Lightning Indexer
+        # picks its top-k in a way that depends on entries created by LATER tokens of the same
+        # forward (a 25-token and a 28-token prefill disagree at position 24 by 0.19 in the logits
+        # when index_topk=4), which no block verifier can match. Real V4 (index_topk 2048, rate 4)
+        # only reaches that regime past 8k tokens; see docs/LOSSLESSNESS.md.
+        index_n_heads=2, index_head_dim=16, index_topk=128, max_position_embeddings=512, eos_token_id=vocab - 2,
     )
 
 

@@ -87,8 +87,8 @@ class DrafterLink:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._outbox: asyncio.Queue | None = None
-        self._call = None
         self._became_ready = asyncio.Event()
+        self._reset = asyncio.Event()
 
     async def wait_ready(self, timeout: float) -> bool:
         try:
@@ -108,19 +108,19 @@ class DrafterLink:
                 if problem:
                     raise FailedPrecondition(problem)
                 self.info, self._outbox = info, asyncio.Queue()
-                self._call = stub.Draft()
+                call = stub.Draft()
                 self.generation += 1
                 self.ready, self.last_error = True, ""
                 self._became_ready.set()
                 backoff = self._backoff_s[0]
                 log.info("drafter %s ready (replica %s)", self.address, info.replica_id)
-                await self._pump(self._call, self._outbox)
+                await self._pump(call, self._outbox)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # grpc errors, refusals: wait, then try again
                 self.last_error = f"{type(e).__name__}: {getattr(e, 'details', lambda: str(e))()}"
             finally:
-                was_ready, self.ready, self._call = self.ready, False, None
+                was_ready, self.ready = self.ready, False
                 self._became_ready.clear()
                 self._fail_pending(Unavailable(f"drafter {self.address} lost: {self.last_error or 'stream ended'}"))
                 await channel.close(grace=None)
@@ -131,20 +131,33 @@ class DrafterLink:
             backoff = min(backoff * 2, self._backoff_s[1])
 
     async def _pump(self, call, outbox: asyncio.Queue) -> None:
+        """Write the outbox to the stream and route replies to their callers until the stream
+        breaks, ends, or `reset()` is called."""
+
         async def write() -> None:
             while True:
                 await call.write(await outbox.get())
 
-        writer = asyncio.get_running_loop().create_task(write())
-        try:
+        async def read() -> None:
             async for reply in call:
                 fut = self._pending.pop(reply.request_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
             self.last_error = "the drafter ended the stream"
+
+        self._reset.clear()
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(write()), loop.create_task(read()), loop.create_task(self._reset.wait())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    raise t.exception()
         finally:
-            writer.cancel()
             call.cancel()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _fail_pending(self, err: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -154,9 +167,9 @@ class DrafterLink:
 
     def reset(self, reason: str) -> None:
         """Drop the current stream (e.g. after a missed deadline); `run` reconnects."""
-        if self._call is not None:
+        if self.ready:
             self.last_error = reason
-            self._call.cancel()
+            self._reset.set()
 
     def send(self, msg: drafter_pb2.DraftMessage) -> None:
         """Fire and forget (a close): the reply is dropped."""
@@ -191,8 +204,9 @@ class _Session:
     history: torch.Tensor  # [capacity, d] projected features, wire dtype
     length: int = 0  # context positions [0, length) in history
     link: DrafterLink | None = None
-    generation: int = 0  # link.generation the handle belongs to
-    handle: common_pb2.KvHandle | None = None  # the drafter's; None = (re)open on the next draft
+    generation: int = 0  # link.generation of the last message sent: the drafter may hold state then
+    handle: common_pb2.KvHandle | None = None  # the drafter's, as of its last reply
+    synced: bool = False  # False: the drafter's state is unknown or gone; re-open on the next draft
 
 
 @dataclass
@@ -276,8 +290,14 @@ class RemoteProposer:
             return False
         if s.link is not None:
             s.link.sessions -= 1
-            if s.handle is not None and s.generation == s.link.generation and self._loop is not None:
-                msg = drafter_pb2.DraftMessage(handle=s.handle, close=True)
+            # State on an older stream went with it; otherwise close it (a session whose state is
+            # unknown, e.g. its open is in flight, is re-opened and closed in one message).
+            if s.generation == s.link.generation and self._loop is not None:
+                if s.synced:
+                    msg = drafter_pb2.DraftMessage(handle=s.handle, close=True)
+                else:
+                    msg = drafter_pb2.DraftMessage(handle=common_pb2.KvHandle(session_id=s.remote_id), open=True,
+                                                   close=True)
                 self._loop.call_soon_threadsafe(s.link.send, msg)
         return True
 
@@ -303,7 +323,7 @@ class RemoteProposer:
             raise FailedPrecondition(f"cannot truncate session {session_id!r} of {s.length} positions to {length}")
         s.length = length
         if s.handle is not None and s.handle.length > length:
-            s.handle = None  # the drafter holds more than we want: re-open on the next draft
+            s.synced = False  # the drafter holds more than we want: re-open on the next draft
 
     def propose(self, requests: list[DraftRequest]) -> list[Proposal]:
         """The blocking `Proposer` form, for a caller on another thread than the event loop (e.g.
@@ -336,7 +356,7 @@ class RemoteProposer:
         if s.link is not None:
             s.link.sessions -= 1
         best.sessions += 1
-        s.link, s.handle = best, None
+        s.link, s.synced = best, False
         return best
 
     def drafter_of(self, session_id: str) -> str:
@@ -349,9 +369,7 @@ class RemoteProposer:
         link = self._link_for(s)
         if link is None or not link.ready:
             return DraftOutcome(None, "drafter_unavailable")
-        if s.handle is not None and s.generation != link.generation:
-            s.handle = None  # the drafter restarted or the stream was replaced: state is gone
-        resync = s.handle is None
+        resync = not s.synced or s.generation != link.generation  # a new stream: the old state is gone
         start = 0 if resync else int(s.handle.length)
         if r.anchor_pos != s.length:
             return DraftOutcome(None, f"internal: context {s.length} != anchor position {r.anchor_pos}")
@@ -367,17 +385,15 @@ class RemoteProposer:
         if s.length > start:
             msg.context.start_pos = start
             msg.context.projected.CopyFrom(encode_tensor(s.history[start : s.length]))
+        s.synced, s.generation = False, link.generation  # until a valid reply says otherwise
         try:
             reply = await link.call(msg, self.deadline_s)
         except asyncio.TimeoutError:
-            s.handle = None
             link.reset(f"no reply within {self.deadline_s * 1e3:.0f} ms")
             return DraftOutcome(None, "drafter_timeout", link.address)
         except Unavailable:
-            s.handle = None
             return DraftOutcome(None, "drafter_unavailable", link.address)
         if reply.error.code:
-            s.handle = None
             return DraftOutcome(None, f"drafter_error: {code_name(reply.error.code)}: {reply.error.message}",
                                 link.address)
         try:
@@ -386,9 +402,8 @@ class RemoteProposer:
                 raise InvalidRequest(f"reply handle {h.session_id}@{h.length} does not match {s.remote_id}@{s.length}")
             proposal = proposal_from_proto(reply.proposal, block_size=r.block_size, vocab_size=self.info.vocab_size)
         except InvalidRequest as e:
-            s.handle = None
             return DraftOutcome(None, f"invalid_proposal: {e}", link.address)
-        s.handle, s.generation = h, link.generation
+        s.handle, s.synced = h, True
         return DraftOutcome(proposal, "", link.address)
 
     def link_stats(self) -> list[dict]:

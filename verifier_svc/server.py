@@ -127,24 +127,26 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
         if o.handle.session_id:
             entry = self._check_handle(o.handle)
             sid, reused = o.handle.session_id, entry.length
-            entry.running, entry.keep = True, o.keep_session
-            try:
-                s = await self._work(self.loop.resume, request, sid)
-            except BaseException:
-                self._entries.pop(sid, None)  # resume released the session
-                raise
-            return s, entry, reused
-        sid = o.session_id or uuid.uuid4().hex
-        if sid in self._entries:
-            raise FailedPrecondition(f"session {sid!r} exists: continue it with its handle or release it first")
-        await self._make_room()
-        entry = self._entries[sid] = _Entry(next(self._epochs), o.keep_session)
+            entry.keep = o.keep_session
+        else:
+            sid, reused = o.session_id or uuid.uuid4().hex, 0
+            if sid in self._entries:
+                raise FailedPrecondition(f"session {sid!r} exists: continue it with its handle or release it first")
+            await self._make_room()
+            entry = self._entries[sid] = _Entry(next(self._epochs), o.keep_session)
+        entry.running = True
         try:
-            s = await self._work(self.loop.start, request, sid)
-        except BaseException:
-            self._entries.pop(sid, None)
+            s = await self._work(self.loop.resume if reused else self.loop.start, request, sid)
+        except DSparkError:
+            entry.running = False
+            if not self.loop.target.has(sid):  # a refused resume keeps its cache; a failed prefill does not
+                self._entries.pop(sid, None)
             raise
-        return s, entry, 0
+        except BaseException:  # cancelled while the worker opens it: free whatever it leaves
+            self._entries.pop(sid, None)
+            asyncio.ensure_future(self._work(self.loop.release, sid))
+            raise
+        return s, entry, reused
 
     async def _release(self, sid: str) -> bool:
         if self._entries.pop(sid, None) is None:

@@ -48,6 +48,12 @@ def feature_indices(num_layers: int, layer_ids: list[int]) -> list[int]:
     return [i + 1 for i in layer_ids]
 
 
+def _token_features(h: torch.Tensor) -> torch.Tensor:
+    """[n, d] per layer. DeepSeek-V4 carries mHC residual streams ([n, hc_mult, d]); the drafter
+    takes their mean, the same collapse-free summary for every stream count."""
+    return h.mean(dim=1) if h.dim() == 3 else h
+
+
 class TargetEngine:
     def __init__(
         self,
@@ -138,13 +144,16 @@ class TargetEngine:
         logits = out.logits[0].float()
         feats = None
         if self._hs_index:
-            feats = torch.cat([out.hidden_states[i][0] for i in self._hs_index], dim=-1)
+            feats = torch.cat([_token_features(out.hidden_states[i][0]) for i in self._hs_index], dim=-1)
         return ForwardResult(logits, feats, time.perf_counter() - t0)
 
     def rollback(self, session_id: str, length: int) -> None:
         s = self._get(session_id)
         if not 0 <= length <= s.length:
             raise FailedPrecondition(f"cannot roll session {session_id!r} of length {s.length} back to {length}")
-        kv_rollback.rollback(s.cache, length)
+        try:
+            kv_rollback.rollback(s.cache, length)
+        except ValueError as e:  # e.g. deeper than a compressed cache can undo
+            raise FailedPrecondition(f"cannot roll session {session_id!r} back to {length}: {e}") from None
         s.length = length
         del s.tokens[length:]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +123,8 @@ def plot_acceptance(results: dict[str, dict], path: str | Path, title: str = "")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dspark_common.settings import GenerateSettings
 
-    p.add_argument("--dataset", required=True, help='JSONL file of {"turns": [...]} rows (first turn used)')
+    p.add_argument("--dataset", required=True, nargs="+",
+                   help='JSONL file(s) of {"turns": [...]} rows (first turn used); --json prints one line per file')
     p.add_argument("--limit", type=int, default=0, help="first N prompts (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--block-size", type=int, default=7, help="draft tokens per round (fixed)")
@@ -141,18 +141,21 @@ def run(args: argparse.Namespace) -> int:
 
     settings = GenerateSettings.from_sources(args, threads=args.threads or 1)
     stack = build_local_loop(settings, profile=False)
-    prompts = load_prompts(args.dataset, args.limit)
-    res = evaluate(stack, prompts, block_size=args.block_size, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, seed=args.seed, progress=not args.json)
-    res.update(dataset=Path(args.dataset).stem, drafter=stack.drafter_name, temperature=args.temperature,
-               block_size=args.block_size, max_new_tokens=args.max_new_tokens)
+    results: dict[str, dict] = {}
+    for dataset in args.dataset:  # one target/drafter load for every file
+        prompts = load_prompts(dataset, args.limit)
+        res = evaluate(stack, prompts, block_size=args.block_size, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, seed=args.seed, progress=not args.json)
+        res.update(dataset=Path(dataset).stem, drafter=stack.drafter_name, temperature=args.temperature,
+                   block_size=args.block_size, max_new_tokens=args.max_new_tokens)
+        results[res["dataset"]] = res
+        if args.json:
+            print(json.dumps(res), flush=True)
+        else:
+            cond = " ".join("-" if c is None else f"{c:.3f}" for c in res["conditional_acceptance"])
+            print(f"{res['dataset']}: τ = {res['tau']:.3f} over {res['rounds']} rounds, {res['prompts']} prompts "
+                  f"(T={args.temperature}, block {args.block_size}, {args.max_new_tokens} new tokens)")
+            print(f"  conditional acceptance by position: {cond}", flush=True)
     if args.plot:
-        plot_acceptance({Path(args.dataset).stem: res}, args.plot, f"{stack.drafter_name}, T={args.temperature}")
-    if args.json:
-        print(json.dumps(res))
-    else:
-        cond = " ".join("-" if c is None else f"{c:.3f}" for c in res["conditional_acceptance"])
-        print(f"{res['dataset']}: τ = {res['tau']:.3f} over {res['rounds']} rounds, {res['prompts']} prompts "
-              f"(T={args.temperature}, block {args.block_size}, {args.max_new_tokens} new tokens)")
-        print(f"conditional acceptance by position: {cond}", file=sys.stdout)
+        plot_acceptance(results, args.plot, f"{stack.drafter_name}, T={args.temperature}")
     return 0

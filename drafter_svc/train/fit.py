@@ -57,8 +57,9 @@ class FitOptions:
     ckpt_every: int = 50
     mask_token_id: int | None = None
 
-    # options that change what is trained; a resume must not change them
-    MODEL_KEYS = ("steps", "batch_seqs", "num_anchors", "layers", "markov_rank", "markov_head_type", "block_size",
+    # options that change what is trained; a resume must not change them. `steps` may grow: the
+    # cosine then stretches over the new total (continuing a run on more data / more compute).
+    MODEL_KEYS = ("batch_seqs", "num_anchors", "layers", "markov_rank", "markov_head_type", "block_size",
                   "lr", "warmup_frac", "clip", "alpha_ce", "alpha_tv", "alpha_conf", "seed", "mask_token_id")
 
     def to_dict(self) -> dict:

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The recipe that produced models/dspark-smollm2-135m (docs/TRAINING.md), stage by stage.
+# Every stage is resumable/idempotent; run from the repository root:
+#   drafter_svc/train/run_smollm2.sh cache | fit | finish | ablation | eval-dspark | eval-rank0 | report
+# Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
+# shared 2-core machine makes more threads ~10x slower).
+set -euo pipefail
+export OMP_NUM_THREADS=1
+PY=${PY:-.venv/bin/python}
+R=runs/smollm2
+STEPS=${STEPS:-560}
+EVAL_LIMIT=${EVAL_LIMIT:-10}
+EVAL_TOKENS=${EVAL_TOKENS:-64}
+EVAL_FILES=${EVAL_FILES:-"$(ls ../shared/data/prompts/eval/*.jsonl 2>/dev/null || ls /work/shared/data/prompts/eval/*.jsonl)"}
+FIT_ARGS="--cache $R/cache --steps $STEPS --batch-seqs 1 --num-anchors 48 --block-size 7 --layers 2 --ckpt-every 25"
+mkdir -p $R/logs $R/eval docs/img
+
+eval_run() {  # eval_run LABEL DRAFTER_DIR
+  for t in 0 1; do
+    $PY -m dspark_common.cli eval --dataset $EVAL_FILES --limit "$EVAL_LIMIT" --max-new-tokens "$EVAL_TOKENS" \
+      --block-size 7 --temperature "$t" --drafter "$2" --json > "$R/eval/$1_T$t.jsonl.tmp"
+    mv "$R/eval/$1_T$t.jsonl.tmp" "$R/eval/$1_T$t.jsonl"
+  done
+}
+
+case "${1:-}" in
+  datagen)  # the background job that produced the answers (resumable)
+    $PY -m dspark_common.cli train datagen --limit 1600 --max-new-tokens 160 --batch-size 48 --threads 1 \
+      --out $R/data ;;
+  cache)
+    $PY -m dspark_common.cli train cache --out $R/cache --shard-size 32 --batch-size 8 --max-length 560 ;;
+  fit)
+    $PY -m dspark_common.cli train fit $FIT_ARGS --markov-rank 64 --out $R/fit ;;
+  finish)  # calibrate, export the default drafter, loss curves
+    $PY -m dspark_common.cli train calibrate --cache $R/cache --run $R/fit --plot docs/img/reliability.png
+    $PY -m dspark_common.cli train export --run $R/fit --out models/dspark-smollm2-135m
+    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
+  ablation)  # same recipe and budget, sequential head off (Markov rank 0)
+    $PY -m dspark_common.cli train fit $FIT_ARGS --markov-rank 0 --out $R/fit_rank0
+    $PY -m dspark_common.cli train export --run $R/fit_rank0 --out $R/export_rank0 --verify-with '' ;;
+  eval-dspark)
+    eval_run dspark models/dspark-smollm2-135m ;;
+  eval-rank0)
+    eval_run rank0 $R/export_rank0 ;;
+  report)
+    $PY -m drafter_svc.train.report $R/eval/*.jsonl --plot docs/img/acceptance_by_position.png
+    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
+  *)
+    echo "usage: $0 datagen|cache|fit|finish|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+esac

@@ -1,0 +1,261 @@
+"""The DSpark training pipeline on tiny models: objective pieces, target cache, fit + resume,
+export through the DeepSpec-format loader, STS calibration, eval arithmetic."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from drafter_svc.checkpoint import FROZEN_KEYS, WEIGHTS_NAME, load_checkpoint
+from drafter_svc.loading import default_layer_ids
+from drafter_svc.train.cache import CacheReader, build_cache
+from drafter_svc.train.calibrate import calibrate, greedy_rounds
+from drafter_svc.train.evaluate import RoundOutcome, evaluate, summarize
+from drafter_svc.train.export import export_run
+from drafter_svc.train.fit import FitOptions, Trainer, load_run_model, lr_at
+from drafter_svc.train.objective import block_targets, sample_anchors, sparse_l1
+from tests.oracle_proposer import OracleProposer
+from tests.tiny_models import tiny_target
+from verifier_svc.decode_loop import DecodeLoop, GenerationRequest
+from verifier_svc.target_engine import TargetEngine
+
+VOCAB = 256
+
+
+def write_answers(path, n: int = 6, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "w") as fh:
+        for i in range(n):
+            prompt = torch.randint(0, VOCAB - 2, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g)
+            answer = torch.randint(0, VOCAB - 2, (int(torch.randint(16, 28, (1,), generator=g)),), generator=g)
+            fh.write(json.dumps({"key": f"toy:{i}", "prompt_ids": prompt.tolist(), "answer_ids": answer.tolist()}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, target):
+    d = tmp_path_factory.mktemp("train")
+    write_answers(d / "answers.jsonl", n=6)
+    layers = default_layer_ids(int(target.config.num_hidden_layers))
+    build_cache(target, d / "answers.jsonl", d / "cache", layers, top_k=8, batch_size=4, shard_size=4, progress=False)
+    return d / "cache"
+
+
+def options(**kw) -> FitOptions:
+    base = dict(steps=8, batch_seqs=3, num_anchors=64, layers=1, markov_rank=8, block_size=4, lr=3e-3,
+                ckpt_every=100, seed=0)
+    base.update(kw)
+    return FitOptions(**base)
+
+
+# ------------------------------------------------------------------ objective
+
+
+def test_anchors_are_response_positions_sorted_and_padded():
+    mask = torch.tensor([0, 0, 1, 1, 1, 0, 1, 1])
+    anchors, keep = sample_anchors(mask, 6, torch.Generator().manual_seed(0))
+    real = anchors[keep].tolist()
+    assert real == sorted(real) == [2, 3, 6]  # i and i+1 both response tokens
+    assert keep.tolist() == [True] * 3 + [False] * 3 and anchors[~keep].tolist() == [0, 0, 0]
+    few, _ = sample_anchors(torch.ones(50), 5, torch.Generator().manual_seed(1), pad=False)
+    assert len(set(few.tolist())) == 5 and few.tolist() == sorted(few.tolist())
+
+
+def test_block_targets_cumulative_mask_and_decay():
+    ids = torch.arange(10)
+    mask = torch.tensor([0, 0, 1, 1, 1, 0, 1, 1, 1, 1])
+    labels, eval_mask, w = block_targets(ids, mask, torch.tensor([2, 7, 0]), torch.tensor([True, True, False]), 4)
+    assert labels[0].tolist() == [3, 4, 5, 6]
+    assert eval_mask.tolist() == [[True, True, False, False],  # label 5 is a prompt token: later slots off too
+                                  [True, True, False, False],  # runs past the end of the sequence
+                                  [False] * 4]  # dummy block
+    assert torch.allclose(w[0, :2], torch.exp(-torch.arange(2.0) / 4.0)) and w[0, 2:].sum() == 0
+
+
+def test_sparse_l1_is_exact_when_the_target_fits_in_its_top_k():
+    g = torch.Generator().manual_seed(0)
+    p_d = torch.softmax(torch.randn(5, 20, generator=g), -1)
+    p_t = torch.zeros(5, 20)
+    ids = torch.stack([torch.randperm(20, generator=g)[:4] for _ in range(5)])
+    p_t.scatter_(1, ids, torch.softmax(torch.randn(5, 4, generator=g), -1))
+    assert torch.allclose(sparse_l1(p_d, ids, p_t.gather(1, ids)), (p_d - p_t).abs().sum(-1), atol=1e-6)
+    # With tail mass the coarsened L1 is a lower bound of the full one.
+    full_t = torch.softmax(torch.randn(5, 20, generator=g), -1)
+    top = full_t.topk(4)
+    assert (sparse_l1(p_d, top.indices, top.values) <= (p_d - full_t).abs().sum(-1) + 1e-6).all()
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    o = FitOptions(steps=100, lr=1.0)
+    assert lr_at(0, o) == pytest.approx(0.25) and lr_at(3, o) == pytest.approx(1.0)
+    assert lr_at(50, o) < lr_at(10, o) and lr_at(100, o) == pytest.approx(0.0, abs=1e-12)
+
+
+# ------------------------------------------------------------------ cache
+
+
+def test_cache_matches_the_target_engine(target, cache_dir):
+    reader = CacheReader(cache_dir, None)
+    assert len(reader) == 6
+    seq = reader.get(reader.keys[0])
+    engine = TargetEngine(target, feature_layer_ids=reader.manifest["target_layer_ids"])
+    engine.open("s")
+    fwd = engine.extend("s", seq.input_ids.tolist())
+    assert torch.allclose(seq.features.float(), fwd.features, atol=2e-2, rtol=2e-3)
+    pos = seq.loss_mask[1:].nonzero().squeeze(-1)  # positions whose next token is a response token
+    top = torch.softmax(fwd.logits[pos], -1).topk(8)
+    assert torch.equal(seq.topk_ids[pos], top.indices)
+    assert torch.allclose(seq.topk_probs[pos], top.values, atol=1e-3)
+
+
+def test_cache_build_resumes_without_redoing(target, cache_dir):
+    added = build_cache(target, cache_dir.parent / "answers.jsonl", cache_dir,
+                        CacheReader(cache_dir).manifest["target_layer_ids"], top_k=8, progress=False)
+    assert added == 0
+
+
+# ------------------------------------------------------------------ fit
+
+
+def test_training_steps_lower_the_loss(target, cache_dir, tmp_path):
+    trainer = Trainer(target, cache_dir, tmp_path / "run", options(steps=12), progress=False)
+    recs = trainer.fit()
+    assert len(recs) == 12 and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    first, last = sum(r["loss"] for r in recs[:2]) / 2, sum(r["loss"] for r in recs[-2:]) / 2
+    assert last < 0.8 * first, (first, last)
+    frozen = load_run_model(tmp_path / "run", target)
+    assert torch.equal(frozen.lm_head.weight, target.get_output_embeddings().weight)
+
+
+def test_resume_continues_from_the_same_step(target, cache_dir, tmp_path):
+    opts = options(steps=6, ckpt_every=2)
+    straight = Trainer(target, cache_dir, tmp_path / "a", opts, progress=False)
+    straight.fit()
+
+    first = Trainer(target, cache_dir, tmp_path / "b", opts, progress=False)
+    first.fit(until=3)
+    del first  # "crash" after the step-3 checkpoint
+    resumed = Trainer(target, cache_dir, tmp_path / "b", opts, progress=False)
+    assert resumed.step == 3
+    resumed.fit()
+    assert resumed.step == 6
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_changed_options(target, cache_dir, tmp_path):
+    Trainer(target, cache_dir, tmp_path / "r", options(steps=2), progress=False).fit()
+    with pytest.raises(Exception, match="options changed"):
+        Trainer(target, cache_dir, tmp_path / "r", options(steps=2, markov_rank=4), progress=False)
+
+
+# ------------------------------------------------------------------ export
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_loads_through_the_deepspec_loader(target, cache_dir, tmp_path, dtype):
+    Trainer(target, cache_dir, tmp_path / "run", options(steps=2), progress=False).fit()
+    out = export_run(tmp_path / "run", tmp_path / "export", dtype=dtype)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3DSparkModel"] and cfg["frozen_weights_from_target"] is True
+    assert cfg["dtype"] == str(dtype).removeprefix("torch.")
+    from safetensors import safe_open
+
+    with safe_open(str(out / WEIGHTS_NAME), "pt") as f:
+        assert not set(FROZEN_KEYS) & set(f.keys())
+    loaded = load_checkpoint(out, target_embed=target.get_input_embeddings().weight,
+                             target_lm_head=target.get_output_embeddings().weight)
+    trained = load_run_model(tmp_path / "run", target)
+    reader = CacheReader(cache_dir)
+    seq = reader.get(reader.keys[0])
+    anchors, keep = sample_anchors(seq.loss_mask, 4, torch.Generator().manual_seed(0))
+    args = (seq.features[None].float(), seq.input_ids[None], anchors[None], keep[None])
+    with torch.no_grad():
+        ref, got = trained.forward_train(*args), loaded.forward_train(*args)
+    tol = 1e-5 if dtype == torch.float32 else 0.1
+    assert torch.allclose(ref.logits, got.logits, atol=tol, rtol=tol)
+    with pytest.raises(Exception, match="omits the frozen"):
+        load_checkpoint(out)
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def test_calibration_lowers_ece_of_an_over_confident_head(target, cache_dir, tmp_path):
+    # Heldout split of the toy keys may be empty: calibrate on all cached sequences.
+    Trainer(target, cache_dir, tmp_path / "run", options(steps=4), progress=False).fit()
+    model = load_run_model(tmp_path / "run", target)
+    with torch.no_grad():  # a head that claims every slot is accepted
+        model.confidence_head.proj.bias.fill_(6.0)
+    reader = CacheReader(cache_dir, None)
+    conf, acc, valid = greedy_rounds(model, reader.get(reader.keys[0]))
+    assert conf.shape == acc.shape == valid.shape and conf.shape[1] == 4
+    # validity is prefix-closed, like DeepSpec's cumulative eval mask
+    assert torch.equal(valid, valid.to(torch.int64).cumprod(1).bool())
+    result = calibrate(model, reader, plot=tmp_path / "rel.png")
+    s = result["report"]["summary"]
+    assert s["ece_after"] < s["ece_before"] and s["ece_before"] > 0.3
+    assert len(result["temperatures"]) == 4 and max(result["temperatures"]) > 1.0
+    assert (tmp_path / "rel.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------ eval arithmetic
+
+
+def test_summarize_by_hand():
+    rounds = [RoundOutcome(3, 3, 4), RoundOutcome(3, 1, 2), RoundOutcome(3, 0, 1), RoundOutcome(2, 2, 3),
+              RoundOutcome(3, 2, 2, stopped_on_draft=True)]
+    s = summarize(rounds, 3)
+    assert s["rounds"] == 5
+    assert s["tau"] == pytest.approx((4 + 2 + 1 + 3 + 2) / 5)
+    assert s["tau_uncapped"] == pytest.approx((4 + 2 + 1 + 3 + 2) / 5)
+    # position 1: 4 of 5 accepted; position 2: m>=2 in 3 of the 4 that reached it;
+    # position 3: of rounds with m>=2 that verified 3 drafts (the n=2 round did not), 1 of 2.
+    assert s["conditional_acceptance"] == pytest.approx([4 / 5, 3 / 4, 1 / 2])
+    assert s["prefix_survival"] == pytest.approx([4 / 5, 3 / 5, 1 / 4])
+
+
+@dataclass
+class _Stack:
+    loop: DecodeLoop
+    stop_ids: frozenset = frozenset()
+
+    def encode(self, ids):
+        return ids
+
+    def generate(self, prompt_ids, *, max_new_tokens, sampling, draft_length):
+        return self.loop.generate(GenerationRequest(list(prompt_ids), max_new_tokens, sampling, draft_length,
+                                                    self.stop_ids))
+
+
+@pytest.mark.parametrize("bad_at", [None, 2])
+def test_eval_on_a_tiny_model(target, bad_at):
+    engine = TargetEngine(target, feature_layer_ids=[0])
+    oracle = OracleProposer(target, engine, block_size=5)
+    oracle.force_bad_at = bad_at
+    stack = _Stack(DecodeLoop(engine, oracle))
+    prompts = [[5, 9, 13, 2], [7, 7, 1, 30, 31]]
+    res = evaluate(stack, prompts, block_size=5, max_new_tokens=25, temperature=0.0, progress=False)
+    # Cross-check against the loop's own counters.
+    results = [stack.generate(p, max_new_tokens=25, sampling=__import__("dspark_common.types").types.SamplingParams(),
+                              draft_length=5) for p in prompts]
+    rounds = sum(r.stats.rounds for r in results)
+    assert res["rounds"] == rounds and res["prompts"] == 2
+    assert res["tau"] == pytest.approx(sum(r.stats.generated_tokens for r in results) / rounds)
+    cond = res["conditional_acceptance"]
+    if bad_at is None:  # the oracle is always right: every round accepts its whole block
+        assert all(c == 1.0 for c in cond)
+        assert res["tau"] > 4.0
+    else:  # slot 3 (1-based) is always wrong: accept 1, 1, then 0, never reached after
+        assert cond[:3] == [1.0, 1.0, 0.0] and cond[3] is None and cond[4] is None
+        assert res["tau_uncapped"] == pytest.approx(3.0)
