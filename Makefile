@@ -28,7 +28,7 @@ up: setup
 	$(BIN)/dspark up
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) dspark_common/_proto

@@ -1,0 +1,1 @@
+"""Benchmarks: speed claims come from here, never from timed assertions in tests."""
