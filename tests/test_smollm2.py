@@ -47,7 +47,7 @@ def test_generate_cli_json():
     out = subprocess.run(
         [sys.executable, "-m", "dspark_common.cli", "generate", "--prompt", "What is 2+3?", "--chat",
          "--max-new-tokens", "8", "--json", "--threads", "1"],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True, text=True, timeout=900, check=True,
     )
     obj = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(obj) >= {"token_ids", "text", "speculative"}
@@ -57,6 +57,6 @@ def test_generate_cli_json():
     base = subprocess.run(
         [sys.executable, "-m", "dspark_common.cli", "generate", "--prompt", "What is 2+3?", "--chat",
          "--max-new-tokens", "8", "--json", "--threads", "1", "--draft-length", "0"],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True, text=True, timeout=900, check=True,
     )
     assert json.loads(base.stdout.strip().splitlines()[-1])["token_ids"] == obj["token_ids"]
