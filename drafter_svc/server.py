@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import hashlib
 import itertools
 import json
@@ -19,7 +18,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -32,6 +31,7 @@ from drafter_svc.dspark_model import DSparkDrafter
 from dspark_common.errors import DSparkError, FailedPrecondition, InvalidRequest, NotFound
 from dspark_common.grpc_server import GrpcServer, serve_until_signal
 from dspark_common.grpc_status import abort, session_error
+from dspark_common.micro_batch import MicroBatcher
 from dspark_common.proto import common_pb2, drafter_pb2, drafter_pb2_grpc
 from dspark_common.settings import DrafterSettings
 from dspark_common.tensor_codec import FLOAT_DTYPES, decode_tensor, encode_tensor
@@ -61,75 +61,6 @@ class DraftWork:
     context: torch.Tensor | None = None
     projected: bool = False
     draft: DraftRequest | None = None
-
-
-# ---------------------------------------------------------------------------- micro-batching
-
-
-class MicroBatcher:
-    """Collects work from every stream and runs it in batches on one worker thread.
-
-    A batch takes whatever has queued (waiting `window_s` after the first item for company), up to
-    `max_batch` items and at most one item per session (a later message of the same session waits
-    for the next batch, so a session's messages apply in order)."""
-
-    def __init__(self, run_batch, executor: ThreadPoolExecutor, *, window_s: float, max_batch: int) -> None:
-        self._run_batch = run_batch
-        self._executor = executor
-        self._window_s = window_s
-        self._max_batch = max_batch
-        self._queue: collections.deque[tuple[DraftWork, asyncio.Future]] = collections.deque()
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    def submit(self, work: DraftWork) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.append((work, fut))
-        self._wakeup.set()
-        return fut
-
-    def _take_batch(self) -> list[tuple[DraftWork, asyncio.Future]]:
-        batch, held, sessions = [], [], set()
-        while self._queue and len(batch) < self._max_batch:
-            item = self._queue.popleft()
-            if item[0].session_id in sessions:
-                held.append(item)
-            else:
-                sessions.add(item[0].session_id)
-                batch.append(item)
-        self._queue.extendleft(reversed(held))
-        return batch
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self._window_s > 0:
-                await asyncio.sleep(self._window_s)
-            batch = [(w, f) for w, f in self._take_batch() if not f.cancelled()]
-            if not batch:
-                continue
-            try:
-                replies = await loop.run_in_executor(self._executor, self._run_batch, [w for w, _ in batch])
-            except Exception as e:  # a bug, not a bad request: fail the items, keep serving
-                log.exception("draft batch failed")
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for (_, fut), reply in zip(batch, replies):
-                if not fut.done():
-                    fut.set_result(reply)
 
 
 # ---------------------------------------------------------------------------- the servicer
@@ -176,7 +107,8 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
         self._stream_ids = itertools.count(1)
         self._counters = _Counters()
         self._max_context = engine.stats()["max_context"]
-        self.batcher = MicroBatcher(self._run_batch, executor, window_s=batch_window_s, max_batch=max_batch)
+        self.batcher = MicroBatcher(self._run_batch, executor, key=lambda w: w.session_id, window_s=batch_window_s,
+                                    max_batch=max_batch)
         self._info = self._build_info()
 
     # ---- decoding (event loop) ----------------------------------------------------------
@@ -231,23 +163,25 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
         return common_pb2.KvHandle(replica_id=self.replica_id, session_id=sid, epoch=owner.epoch,
                                    length=self.engine.context_length(sid))
 
-    def _check_handle(self, w: DraftWork) -> None:
-        if w.replica_id != self.replica_id:
+    def _check_handle(self, replica_id: str, session_id: str, epoch: int, length: int | None = None) -> None:
+        """The handle must name this replica, an open session, its current epoch and (when given)
+        the context length the drafter holds."""
+        if replica_id != self.replica_id:
             raise FailedPrecondition(
-                f"handle names drafter replica {w.replica_id!r} but this is {self.replica_id!r} "
+                f"handle names drafter replica {replica_id!r} but this is {self.replica_id!r} "
                 "(restarted?): re-open the session"
             )
-        owner = self._owners.get(w.session_id)
+        owner = self._owners.get(session_id)
         if owner is None:
-            raise NotFound(f"unknown draft session {w.session_id!r}: open it first")
-        if w.epoch != owner.epoch:
+            raise NotFound(f"unknown draft session {session_id!r}: open it first")
+        if epoch != owner.epoch:
             raise FailedPrecondition(
-                f"stale handle for session {w.session_id!r}: epoch {w.epoch}, current epoch {owner.epoch}"
+                f"stale handle for session {session_id!r}: epoch {epoch}, current epoch {owner.epoch}"
             )
-        held = self.engine.context_length(w.session_id)
-        if (w.context is not None or w.draft is not None) and w.length != held:
+        held = self.engine.context_length(session_id)
+        if length is not None and length != held:
             raise FailedPrecondition(
-                f"handle for session {w.session_id!r} says {w.length} context positions, the drafter holds {held}"
+                f"handle for session {session_id!r} says {length} context positions, the drafter holds {held}"
             )
 
     def _apply(self, w: DraftWork) -> None:
@@ -258,8 +192,9 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
                 del self._owners[w.session_id]
             self.engine.open(w.session_id)
             self._owners[w.session_id] = _Owner(next(self._epochs), w.stream_id)
-        else:
-            self._check_handle(w)
+        else:  # a bare close needs no length: the sender may not know whether its last message landed
+            uses_length = w.context is not None or w.draft is not None
+            self._check_handle(w.replica_id, w.session_id, w.epoch, w.length if uses_length else None)
         if w.context is not None:
             try:
                 if w.projected:
@@ -373,13 +308,7 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
         h = request.handle
 
         def release() -> bool:
-            owner = self._owners.get(h.session_id)
-            if h.replica_id != self.replica_id:
-                raise FailedPrecondition(f"handle names drafter replica {h.replica_id!r}, this is {self.replica_id!r}")
-            if owner is None:
-                raise NotFound(f"unknown draft session {h.session_id!r}")
-            if owner.epoch != h.epoch:
-                raise FailedPrecondition(f"stale handle for session {h.session_id!r}: epoch {h.epoch}, current {owner.epoch}")
+            self._check_handle(h.replica_id, h.session_id, h.epoch)
             return self._release(h.session_id)
 
         try:

@@ -55,16 +55,13 @@ def code_name(value: int) -> str:
 
 
 def error_from_status(code: grpc.StatusCode | int, details: str, field: str | None = None) -> DSparkError:
+    """The typed error for a status a peer returned (DSparkError for codes without one)."""
     if isinstance(code, int):
         code = _BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
     cls = _ERROR.get(code)
-    if cls is InvalidRequest:
-        return InvalidRequest(details, field or None)
     if cls is None:
-        return Unavailable(f"{code.name}: {details}") if code in (
-            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN
-        ) else DSparkError(f"{code.name}: {details}")
-    return cls(details)
+        return DSparkError(f"{code.name}: {details}")
+    return InvalidRequest(details, field or None) if cls is InvalidRequest else cls(details)
 
 
 async def abort(context: grpc.aio.ServicerContext, err: BaseException) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import re
 import shutil
 import sys
@@ -78,11 +79,13 @@ def ensure(out: Path = OUT_DIR, root: Path = PROTO_ROOT) -> Path:
     """Generate the stubs unless they are fresh; safe when several processes start at once."""
     if is_fresh(out, root):
         return out
-    lock_path = out.parent / "._proto.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    fd = os.open(out.parent, os.O_RDONLY)  # lock the parent directory: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         if not is_fresh(out, root):
             generate(out, root)
+    finally:
+        os.close(fd)
     return out
 
 

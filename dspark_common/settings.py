@@ -125,3 +125,57 @@ class VerifierSettings(ServiceSettings):
         "float16", description="dtype of the projected context features sent to the drafter"
     )
     profile_sps: bool = Field(True, description="profile target steps/s at start for the confidence scheduler")
+
+
+class RouterSettings(Settings):
+    """`dspark router`: the public HTTP (OpenAI-compatible) and gRPC front door."""
+
+    host: str = Field("127.0.0.1", description="address the HTTP and gRPC APIs listen on")
+    port: int = Field(8000, ge=0, description="HTTP port (0 = any free port, printed at start)")
+    grpc_port: int = Field(50050, ge=-1, description="gRPC port of dspark.v1.Router (0 = any free port, -1 = off)")
+    model: str = Field("smollm2", description="the target whose tokenizer and chat template the router uses "
+                                              "('smollm2', a directory, a .gguf file or a hub id); no weights load")
+    model_name: str = Field("", description="model id served by /v1/models ('' = derived from --model)")
+    verifier: list[str] = Field(default_factory=list, description="fixed verifier addresses HOST:PORT[,HOST:PORT...]")
+    redis_url: str = Field("", description="Redis for sessions and the replica registry ('' = embedded in-process store)")
+    redis_prefix: str = Field("dspark", description="prefix of every Redis key the router reads or writes")
+    api_key: str = Field("", description="bearer token clients must send ('' = no auth)")
+    max_sessions: int = Field(64, ge=1, description="generations running at once; more get 429")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a 429")
+    max_body_kb: int = Field(1024, ge=1, description="largest request body in KiB (413 above)")
+    max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt in tokens, session history included (413 above)")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    session_ttl_s: int = Field(3600, ge=1, description="a session (history, KV handle, stats) expires this long after its last use")
+    request_timeout_s: float = Field(600.0, gt=0, description="deadline of one generation's Decode stream")
+    health_interval_s: float = Field(1.0, gt=0, description="how often verifiers are probed (Stats) and Redis is scanned")
+    failover_attempts: int = Field(3, ge=0, description="times one generation is re-placed after losing its verifier")
+    failover_wait_s: float = Field(30.0, ge=0, description="how long a generation waits for a live verifier to appear")
+    draft_prior: float = Field(0.6, ge=0, le=1, description="controller: acceptance assumed at every position before any is seen")
+    draft_prior_weight: float = Field(2.0, gt=0, description="controller: how many observations the prior counts as")
+    draft_smoothing: float = Field(0.05, gt=0, le=1, description="controller: smallest weight of a new observation (the EMA rate)")
+    draft_forget: float = Field(0.05, ge=0, le=1, description="controller: per-round decay of the weight of positions a round did not observe")
+    draft_probe_every: int = Field(32, ge=0, description="controller: at draft length 0, draft 1 token every this many rounds (0 = never)")
+    max_draft_length: int = Field(16, ge=0, le=16, description="controller: longest draft length it chooses")
+    verify_cost_per_token: float = Field(0.05, ge=0, description="controller: T(b) = 1 + this*(b-1) when no SPS profile is known")
+    draft_cost: float = Field(0.1, ge=0, description="controller: time of one draft round, in target forwards of 1 token")
+    draft_cost_per_token: float = Field(0.01, ge=0, description="controller: extra draft time per drafted token, same unit")
+    sps_table: str = Field("", description="controller: target steps/s per forward size 'B:SPS,B:SPS' ('' = from verifier Stats or the linear model)")
+
+
+class UpSettings(Settings):
+    """`dspark up`: drafter(s), verifier(s) and the router as supervised child processes."""
+
+    host: str = Field("127.0.0.1", description="address of the router's HTTP (and gRPC) API")
+    port: int = Field(8000, ge=0, description="router HTTP port")
+    grpc_port: int = Field(50050, ge=-1, description="router gRPC port (0 = any free port, -1 = off)")
+    redis_url: str = Field("", description="Redis for sessions and registry ('' = the router's embedded store)")
+    verifiers: int = Field(1, ge=1, description="verifier processes")
+    drafters: int = Field(1, ge=0, description="drafter processes (0 = target-only)")
+    model: str = Field("smollm2", description="target model of the verifiers, drafters and router tokenizer")
+    checkpoint: str = Field("default", description="DSpark checkpoint of the drafters ('default', 'random' or a directory)")
+    verifier_ports: list[int] = Field(default_factory=list, description="verifier gRPC ports ('' = free ports)")
+    drafter_ports: list[int] = Field(default_factory=list, description="drafter gRPC ports ('' = free ports)")
+    threads: int = Field(0, ge=0, description="torch threads per model process (0 = 1 on <= 4 cores, else cores / processes)")
+    startup_timeout_s: float = Field(900.0, gt=0, description="how long to wait for the stack to become healthy")
+    max_backoff_s: float = Field(30.0, gt=0, description="longest delay before restarting a child that keeps dying")

@@ -24,10 +24,26 @@ BLOCK = 8
 SPS = SpsTable({1: 100.0, 4: 95.0, 9: 85.0})
 
 
-def models(seed: int = 0):
-    """A 2-layer tiny Llama target and a random DSpark drafter for it (DSparkConfig.from_target)."""
+@torch.no_grad()
+def models(seed: int = 0, *, aligned: bool = True):
+    """A 2-layer tiny Llama target and a DSpark drafter for it (DSparkConfig.from_target).
+
+    Aligned (default): the target's layers are damped, so it is mostly a bigram model, and the
+    drafter's Markov head is given exactly those bigram logits (W1 = final_norm(embed), W2 =
+    lm_head) with a damped backbone, so drafts are often but not always right: long accepted
+    prefixes, partial acceptance and rollback in every test, and far fewer rounds. Otherwise the
+    drafter is random (almost never right)."""
     target = tiny_target("llama", seed=seed, vocab=VOCAB, hidden=64, layers=2)
-    return target, tiny_drafter(target, seed=seed + 1, block_size=BLOCK)
+    if not aligned:
+        return target, tiny_drafter(target, seed=seed + 1, block_size=BLOCK)
+    for layer in target.model.layers:
+        layer.self_attn.o_proj.weight.mul_(0.3)
+        layer.mlp.down_proj.weight.mul_(0.3)
+    drafter = tiny_drafter(target, seed=seed + 1, block_size=BLOCK, markov_rank=64)
+    drafter.markov_head.markov_w1.weight.copy_(target.model.norm(target.get_input_embeddings().weight))
+    drafter.markov_head.markov_w2.weight.copy_(target.get_output_embeddings().weight)
+    drafter.norm.weight.mul_(0.05)
+    return target, drafter
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:

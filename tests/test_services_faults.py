@@ -13,7 +13,6 @@ import signal
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
@@ -37,25 +36,29 @@ FAST_RECONNECT = dict(reconnect_min_ms=20.0, reconnect_max_ms=200.0)
 
 
 class DrafterProcess:
-    """`dspark drafter` as a child process serving a checkpoint."""
+    """A drafter child process (tests/drafter_process.py) serving a checkpoint: `spawn` starts it
+    loading, `serve(port)` makes it listen."""
 
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = checkpoint
         self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
 
-    async def start(self, port: int = 0) -> int:
+    async def spawn(self) -> "DrafterProcess":
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dspark_common.cli", "drafter",
-            "--port", str(port), "--checkpoint", str(self.checkpoint), "--threads", "1", "--batch-window-ms", "0",
-            cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE,
+            sys.executable, str(REPO / "tests" / "drafter_process.py"), "--checkpoint", str(self.checkpoint),
+            "--threads", "1", "--batch-window-ms", "0",
+            cwd=REPO, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )
-        line = (await asyncio.wait_for(self.proc.stdout.readline(), 60)).decode()
+        return self
+
+    async def serve(self, port: int = 0) -> int:
+        self.proc.stdin.write(f"{port}\n".encode())
+        await self.proc.stdin.drain()
+        line = (await asyncio.wait_for(self.proc.stdout.readline(), 90)).decode()
         m = re.search(r"listening on [\d.]+:(\d+)", line)
         assert m, f"drafter did not start: {line!r}"
-        self.port = int(m.group(1))
-        return self.port
+        return int(m.group(1))
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -79,9 +82,10 @@ async def _stats(stub) -> verifier_pb2.VerifierStats:
 
 async def test_drafter_process_stalls_dies_and_comes_back(checkpoint):
     target, ckpt = checkpoint
-    proc = DrafterProcess(ckpt)
-    port = await proc.start()
-    v = await start_verifier(target, [f"127.0.0.1:{port}"], draft_deadline_ms=300.0, **FAST_RECONNECT)
+    proc = await DrafterProcess(ckpt).spawn()
+    replacement = await DrafterProcess(ckpt).spawn()  # loads while the first one serves
+    port = await proc.serve()
+    v = await start_verifier(target, [f"127.0.0.1:{port}"], draft_deadline_ms=500.0, **FAST_RECONNECT)
     channel, stub = verifier_stub(v.address)
     try:
         # 1. Alive but silent (SIGSTOP): rounds past the deadline run target-only.
@@ -115,10 +119,10 @@ async def test_drafter_process_stalls_dies_and_comes_back(checkpoint):
         assert fallbacks and all(f.startswith(("drafter_unavailable", "drafter_error")) for f in fallbacks)
         assert summary.stats.fallback_rounds == len(fallbacks)
 
-        # 3. Back on the same port: the verifier reconnects and new rounds speculate again. The
-        # old process took the continued session's draft context with it, so the verifier
-        # re-opens it from its own feature history (resync) in the first round.
-        await proc.start(port)
+        # 3. A new drafter process on the same port: the verifier reconnects and new rounds
+        # speculate again. The old process took the continued session's draft context with it, so
+        # the verifier re-opens it from its own feature history (resync) in the first round.
+        assert await replacement.serve(port) == port
         await wait_for(lambda: _link_ready(stub, reconnects=2), timeout=20)
         history = prompt + tokens + [3, 4]
         again = await decode(stub, open_msg(history, 16, 4, handle=summary.handle))
@@ -131,6 +135,7 @@ async def test_drafter_process_stalls_dies_and_comes_back(checkpoint):
         await channel.close()
         await v.stop()
         await proc.kill()
+        await replacement.kill()
 
 
 async def _link_ready(stub, reconnects: int) -> bool:
@@ -153,7 +158,8 @@ class CorruptingDrafter(DrafterService):
                 if kind == 0:  # a token outside the vocabulary
                     p.tokens.data = torch.full((p.tokens.shape[0],), 10**6, dtype=torch.int64).numpy().tobytes()
                 elif kind == 1:  # q rows that do not sum to 1
-                    p.q_probs.data = (torch.frombuffer(bytearray(p.q_probs.data), dtype=torch.float32) * 0.5).numpy().tobytes()
+                    q = torch.frombuffer(bytearray(p.q_probs.data), dtype=torch.float32)
+                    p.q_probs.data = (q * 0.5).numpy().tobytes()
                 elif kind == 2:  # confidences outside [0, 1]
                     p.confidences.data = torch.full((p.confidences.shape[0],), 1.5).numpy().tobytes()
                 else:  # the wrong number of slots

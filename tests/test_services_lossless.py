@@ -1,17 +1,21 @@
 """Drafter and verifier as real gRPC services on loopback: greedy output through them is
 token-identical to target-only decoding, for every draft length, alone and concurrently; a later
-turn reuses the cached prefix; cancelling frees the KV on both services."""
+turn reuses the cached prefix; cancelling frees the KV on both services; the drafter's context
+crosses the wire intact."""
 
 from __future__ import annotations
 
 import asyncio
 
 import grpc
-
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from drafter_svc.draft_engine import DraftEngine
 from dspark_common.proto import drafter_pb2, drafter_pb2_grpc, verifier_pb2
+from dspark_common.types import DraftRequest, SamplingParams
 from tests.service_stack import (
+    BLOCK,
     decode,
     models,
     open_msg,
@@ -22,6 +26,8 @@ from tests.service_stack import (
     verifier_stub,
     wait_for,
 )
+from verifier_svc.drafter_client import RemoteProposer
+from verifier_svc.target_engine import TargetEngine
 
 MAX_NEW = 16
 
@@ -30,7 +36,7 @@ MAX_NEW = 16
 async def stack():
     target, drafter = models()
     d = await start_drafter(drafter)
-    v = await start_verifier(target, [d.address])
+    v = await start_verifier(target, [d.address], max_sessions=32)
     channel, stub = verifier_stub(v.address)
     dchannel = grpc.aio.insecure_channel(d.address)
     yield target, d, v, stub, drafter_pb2_grpc.DrafterStub(dchannel)
@@ -44,38 +50,53 @@ async def test_greedy_identical_for_every_draft_length(stack):
     target, d, v, stub, _ = stack
     ps = prompts(20, seed=1)
     want = [target_only(target, p, MAX_NEW) for p in ps]
-    proposed = accepted = 0
-    for dl in [0, 1, 2, 3, 4, 5, 6, 7, 8, "auto"]:
-        gens = await asyncio.gather(*(decode(stub, open_msg(p, MAX_NEW, dl)) for p in ps))
-        for p, w, g in zip(ps, want, gens):
-            assert g.tokens == w, (dl, p)
-            assert g.summary.finish_reason == "length" and g.summary.generated_tokens == MAX_NEW
-            assert all(not r.fallback for r in g.rounds)
-            assert sum(r.accepted for r in g.rounds) == g.summary.stats.accepted_draft_tokens
-            if dl != 0:
-                assert g.opened.drafter == d.address
-            if isinstance(dl, int) and dl:
-                assert max(r.proposed for r in g.rounds) == dl
-        proposed += sum(g.summary.stats.draft_tokens for g in gens)
-        accepted += sum(g.summary.stats.accepted_draft_tokens for g in gens)
+    lengths = [0, 1, 2, 3, 4, 5, 6, 7, 8, "auto"]
+    gens = []
+    for dl in lengths:  # the 20 prompts of one draft length concurrently
+        gens += await asyncio.gather(*(decode(stub, open_msg(p, MAX_NEW, dl)) for p in ps))
+    for i, g in enumerate(gens):
+        dl, p, w = lengths[i // len(ps)], ps[i % len(ps)], want[i % len(ps)]
+        assert g.tokens == w, (dl, p)
+        assert g.summary.finish_reason == "length" and g.summary.generated_tokens == MAX_NEW
+        assert not any(r.fallback for r in g.rounds)
+        assert sum(r.accepted for r in g.rounds) == g.summary.stats.accepted_draft_tokens
         if dl == 0:
-            assert all(r.proposed == 0 for g in gens for r in g.rounds)
-    assert proposed > 1000 and accepted > 0
+            assert not any(r.proposed for r in g.rounds)
+        else:
+            assert g.opened.drafter == d.address
+            assert max(r.proposed for r in g.rounds) == (BLOCK if dl == "auto" else dl)
+    proposed = sum(g.summary.stats.draft_tokens for g in gens)
+    accepted = sum(g.summary.stats.accepted_draft_tokens for g in gens)
+    assert proposed > 1000 and 0.3 * proposed < accepted < proposed  # long prefixes and rejections
     stats = await stub.Stats(verifier_pb2.VerifierStatsRequest())
     assert stats.sessions == 0 and stats.kv_slots_in_use == 0 and stats.fallback_rounds == 0
+
+
+async def test_health_and_info(stack):
+    target, d, v, stub, dstub = stack
+    for address, name in [(d.address, "dspark.v1.Drafter"), (v.address, "dspark.v1.Verifier")]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    info = await dstub.Info(drafter_pb2.DrafterInfoRequest())
+    assert info.block_size == BLOCK and info.vocab_size == target.config.vocab_size
+    assert list(info.fc_weight.shape) == [info.hidden_size, info.hidden_size * len(info.target_layer_ids)]
+    stats = await stub.Stats(verifier_pb2.VerifierStatsRequest())
+    links = [(link.address, link.ready, link.replica_id) for link in stats.drafters]
+    assert links == [(d.address, True, info.replica_id)]
 
 
 async def test_concurrent_sessions_match_alone(stack):
     target, d, v, stub, dstub = stack
     ps = prompts(8, seed=2)
-    opens = [open_msg(p, 24, dl, temperature=t, seed=i)
+    opens = [open_msg(p, MAX_NEW, dl, temperature=t, seed=i)
              for i, p in enumerate(ps) for dl, t in [(5, 0.0), ("auto", 0.9)]]
     alone = [await decode(stub, o) for o in opens]
     together = await asyncio.gather(*(decode(stub, o) for o in opens))
     for a, b in zip(alone, together):
         assert a.tokens == b.tokens
     for o, a in zip(opens[::2], alone[::2]):
-        assert a.tokens == target_only(target, list(o.open.prompt_ids), 24)
+        assert a.tokens == target_only(target, list(o.open.prompt_ids), MAX_NEW)
     dstats = await dstub.Stats(drafter_pb2.DrafterStatsRequest())
     assert dstats.max_batch > 1  # concurrent sessions were drafted in one batched forward
 
@@ -146,3 +167,47 @@ async def test_cancel_frees_kv_on_both_services(stack):
             await queue.put(None)
     assert summary.finish_reason == "cancelled" and not summary.handle.session_id
     await wait_for(lambda: _sessions(stub, dstub, (0, 0)))
+
+
+async def test_remote_proposals_match_the_in_process_drafter():
+    """The context crosses the wire intact: projected fp16 features appended through the Draft
+    stream (riding on draft requests, and resent in full after the drafter restarts) give the
+    same draft tokens as the in-process DraftEngine fed the raw features."""
+    target, drafter = models(aligned=False)
+    layers = drafter.config.target_layer_ids
+    d = await start_drafter(drafter)
+    remote = RemoteProposer([d.address], replica_id="t", backoff_s=(0.02, 0.2))
+    assert await remote.start(10)
+    local = DraftEngine(drafter, drafter.config)
+    engine = TargetEngine(target, feature_layer_ids=layers)
+    try:
+        for i, p in enumerate(prompts(4, seed=6)):
+            sid, tokens = f"s{i}", p + [5, 6, 7, 8, 9]
+            engine.open(sid)
+            feats = engine.extend(sid, tokens).features
+            for proposer in (remote, local):
+                proposer.open(sid)
+                proposer.append_context(sid, feats[: len(p)], 0)
+            for start, end in [(len(p), len(p)), (len(p), len(tokens))]:
+                if end > start:
+                    remote.append_context(sid, feats[start:end], start)
+                    local.append_context(sid, feats[start:end], start)
+                r = DraftRequest(sid, 3, end, BLOCK, SamplingParams())
+                got = await remote.propose_one(r)
+                assert got.proposal.tokens.tolist() == local.propose([r])[0].tokens.tolist(), (i, end)
+        # A new drafter process on the same port knows nothing: the next draft resyncs.
+        port = d.port
+        await d.stop(grace=None)
+        d = await start_drafter(drafter, port=port)
+        await wait_for(lambda: _ready(remote), timeout=10)
+        for i, p in enumerate(prompts(4, seed=6)):
+            r = DraftRequest(f"s{i}", 4, len(p) + 5, BLOCK, SamplingParams())
+            got = await remote.propose_one(r)
+            assert not got.fallback and got.proposal.tokens.tolist() == local.propose([r])[0].tokens.tolist()
+    finally:
+        await remote.stop()
+        await d.stop()
+
+
+async def _ready(remote: RemoteProposer) -> bool:
+    return remote.links[0].ready and remote.links[0].generation == 2

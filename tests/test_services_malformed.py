@@ -22,6 +22,7 @@ from tests.service_stack import (
     start_verifier,
     target_only,
     verifier_stub,
+    wait_for,
 )
 
 INVALID, NOT_FOUND, PRECONDITION, EXHAUSTED = (
@@ -166,11 +167,15 @@ async def test_release_and_handles(drafter_stub):
     assert stale.error.code == PRECONDITION.value[0]
     # The stream's sessions go with it.
     call.cancel()
-    for _ in range(100):
-        if (await stub.Stats(drafter_pb2.DrafterStatsRequest())).sessions == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert (await stub.Stats(drafter_pb2.DrafterStatsRequest())).sessions == 0
+    await wait_for(lambda: _drafter_idle(stub))
+
+
+async def _drafter_idle(stub) -> bool:
+    return (await stub.Stats(drafter_pb2.DrafterStatsRequest())).sessions == 0
+
+
+async def _verifier_idle(stub) -> bool:
+    return (await stub.Stats(verifier_pb2.VerifierStatsRequest())).kv_slots_in_use == 0
 
 
 async def test_decode_rejects_malformed_requests_while_serving():
@@ -258,10 +263,7 @@ async def test_verifier_session_limit_and_eviction():
         assert e.value.code() == NOT_FOUND and "evicted" in e.value.details()
         for call in busy:
             call.cancel()
-        for _ in range(100):
-            if (await stub.Stats(verifier_pb2.VerifierStatsRequest())).kv_slots_in_use == 0:
-                break
-            await asyncio.sleep(0.02)
+        await wait_for(lambda: _verifier_idle(stub))
         assert (await decode(stub, open_msg(p, 4))).tokens == target_only(target, p, 4)
     finally:
         await channel.close()

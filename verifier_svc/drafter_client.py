@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from dspark_common.wire import proposal_from_proto, sampling_to_proto
 log = logging.getLogger(__name__)
 
 _INITIAL_HISTORY = 256
+REFUSED_RETRY_S = 1.0  # how long a session waits after the drafter hit a limit (sessions, context)
 
 
 class ContextProjection:
@@ -115,16 +117,22 @@ class DrafterLink:
                 backoff = self._backoff_s[0]
                 log.info("drafter %s ready (replica %s)", self.address, info.replica_id)
                 await self._pump(call, self._outbox)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # stopping
+                self.last_error = "stopped"
                 raise
-            except Exception as e:  # grpc errors, refusals: wait, then try again
-                self.last_error = f"{type(e).__name__}: {getattr(e, 'details', lambda: str(e))()}"
+            except grpc.aio.AioRpcError as e:
+                self.last_error = f"{e.code().name}: {e.details()}"
+            except FailedPrecondition as e:  # refused: a different drafter model
+                self.last_error = str(e)
+            except Exception as e:  # anything else breaks this connection, never the link
+                log.exception("drafter %s stream failed", self.address)
+                self.last_error = f"{type(e).__name__}: {e}"
             finally:
                 was_ready, self.ready = self.ready, False
                 self._became_ready.clear()
-                self._fail_pending(Unavailable(f"drafter {self.address} lost: {self.last_error or 'stream ended'}"))
+                self._fail_pending(Unavailable(f"drafter {self.address} lost: {self.last_error}"))
                 await channel.close(grace=None)
-                if was_ready:
+                if was_ready and self.last_error != "stopped":
                     self.reconnects += 1
                     log.warning("drafter %s lost (%s); reconnecting", self.address, self.last_error)
             await asyncio.sleep(backoff)
@@ -207,13 +215,13 @@ class _Session:
     generation: int = 0  # link.generation of the last message sent: the drafter may hold state then
     handle: common_pb2.KvHandle | None = None  # the drafter's, as of its last reply
     synced: bool = False  # False: the drafter's state is unknown or gone; re-open on the next draft
+    retry_at: float = 0.0  # after the drafter refused the session (a limit), no drafts before this
 
 
 @dataclass
 class DraftOutcome:
     proposal: Proposal | None
     fallback: str = ""  # why there is no proposal ("" = none was asked for or it succeeded)
-    drafter: str = ""
 
 
 class RemoteProposer:
@@ -288,18 +296,22 @@ class RemoteProposer:
             s = self._sessions.pop(session_id, None)
         if s is None:
             return False
-        if s.link is not None:
-            s.link.sessions -= 1
-            # State on an older stream went with it; otherwise close it (a session whose state is
-            # unknown, e.g. its open is in flight, is re-opened and closed in one message).
-            if s.generation == s.link.generation and self._loop is not None:
-                if s.synced:
-                    msg = drafter_pb2.DraftMessage(handle=s.handle, close=True)
-                else:
-                    msg = drafter_pb2.DraftMessage(handle=common_pb2.KvHandle(session_id=s.remote_id), open=True,
-                                                   close=True)
-                self._loop.call_soon_threadsafe(s.link.send, msg)
+        if s.link is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._close_remote, s)
         return True
+
+    def _close_remote(self, s: _Session) -> None:
+        """(Event loop) Free a released session on its drafter. State on an older stream went with
+        it; a session whose state is unknown (its open may be in flight) is re-opened and closed in
+        one message."""
+        s.link.sessions -= 1
+        if s.generation != s.link.generation:
+            return
+        if s.synced:
+            msg = drafter_pb2.DraftMessage(handle=s.handle, close=True)
+        else:
+            msg = drafter_pb2.DraftMessage(handle=common_pb2.KvHandle(session_id=s.remote_id), open=True, close=True)
+        s.link.send(msg)
 
     def context_length(self, session_id: str) -> int:
         return self._get(session_id).length
@@ -369,6 +381,8 @@ class RemoteProposer:
         link = self._link_for(s)
         if link is None or not link.ready:
             return DraftOutcome(None, "drafter_unavailable")
+        if time.monotonic() < s.retry_at:
+            return DraftOutcome(None, "drafter_refused: waiting before asking again")
         resync = not s.synced or s.generation != link.generation  # a new stream: the old state is gone
         start = 0 if resync else int(s.handle.length)
         if r.anchor_pos != s.length:
@@ -385,26 +399,30 @@ class RemoteProposer:
         if s.length > start:
             msg.context.start_pos = start
             msg.context.projected.CopyFrom(encode_tensor(s.history[start : s.length]))
+        if msg.ByteSize() > link.info.max_message_bytes:
+            return DraftOutcome(None, f"drafter_refused: {msg.ByteSize()} bytes of context exceed the drafter's "
+                                      f"message limit of {link.info.max_message_bytes}")
         s.synced, s.generation = False, link.generation  # until a valid reply says otherwise
         try:
             reply = await link.call(msg, self.deadline_s)
         except asyncio.TimeoutError:
             link.reset(f"no reply within {self.deadline_s * 1e3:.0f} ms")
-            return DraftOutcome(None, "drafter_timeout", link.address)
+            return DraftOutcome(None, "drafter_timeout")
         except Unavailable:
-            return DraftOutcome(None, "drafter_unavailable", link.address)
+            return DraftOutcome(None, "drafter_unavailable")
         if reply.error.code:
-            return DraftOutcome(None, f"drafter_error: {code_name(reply.error.code)}: {reply.error.message}",
-                                link.address)
+            if reply.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]:  # a limit: do not hammer it
+                s.retry_at = time.monotonic() + REFUSED_RETRY_S
+            return DraftOutcome(None, f"drafter_error: {code_name(reply.error.code)}: {reply.error.message}")
         try:
             h = reply.handle
             if h.session_id != s.remote_id or h.length != s.length:
                 raise InvalidRequest(f"reply handle {h.session_id}@{h.length} does not match {s.remote_id}@{s.length}")
             proposal = proposal_from_proto(reply.proposal, block_size=r.block_size, vocab_size=self.info.vocab_size)
         except InvalidRequest as e:
-            return DraftOutcome(None, f"invalid_proposal: {e}", link.address)
+            return DraftOutcome(None, f"invalid_proposal: {e}")
         s.handle, s.synced = h, True
-        return DraftOutcome(proposal, "", link.address)
+        return DraftOutcome(proposal)
 
     def link_stats(self) -> list[dict]:
         return [dict(address=link.address, ready=link.ready, sessions=link.sessions, last_error=link.last_error,

@@ -84,8 +84,6 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
 
     # ---- sessions -------------------------------------------------------------------------
     def _parse_open(self, o: verifier_pb2.OpenSession) -> GenerationRequest:
-        if not o.max_new_tokens:
-            raise InvalidRequest("max_new_tokens must be a positive integer", "max_new_tokens")
         request = GenerationRequest(
             prompt_ids=[int(t) for t in o.prompt_ids], max_new_tokens=int(o.max_new_tokens),
             sampling=sampling_from_proto(o.sampling), draft_length=draft_length_from_proto(o.draft_length),
@@ -101,30 +99,37 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
             )
         entry = self._entries.get(h.session_id)
         if entry is None:
-            raise NotFound(f"unknown session {h.session_id!r} (released or evicted): open it again with the full history")
+            raise NotFound(
+                f"unknown session {h.session_id!r} (released or evicted): open it again with the full history"
+            )
         if entry.epoch != h.epoch:
-            raise FailedPrecondition(f"stale handle for session {h.session_id!r}: epoch {h.epoch}, current {entry.epoch}")
+            raise FailedPrecondition(
+                f"stale handle for session {h.session_id!r}: epoch {h.epoch}, current {entry.epoch}"
+            )
         if entry.running:
             raise FailedPrecondition(f"session {h.session_id!r} is generating; wait for its Summary or cancel it")
         if check_length and entry.length != h.length:
             raise FailedPrecondition(
-                f"handle for session {h.session_id!r} says {h.length} cached positions, the verifier holds {entry.length}"
+                f"handle for session {h.session_id!r} says {h.length} cached positions, "
+                f"the verifier holds {entry.length}"
             )
         return entry
 
     async def _make_room(self) -> None:
-        """At the session limit, evict the least recently used kept session that is idle."""
-        if self.loop.target.num_sessions < self.loop.target.max_sessions:
-            return
-        idle = [(e.last_used, sid) for sid, e in self._entries.items() if not e.running]
-        if idle:
+        """At the session limit, evict the least recently used kept sessions that are idle. Counts
+        the registry, not the target: a session being opened holds its slot already."""
+        while len(self._entries) >= self.loop.target.max_sessions:
+            idle = [(e.last_used, sid) for sid, e in self._entries.items() if not e.running]
+            if not idle:
+                return  # the target refuses the open: RESOURCE_EXHAUSTED
             sid = min(idle)[1]
             log.info("evicting idle kept session %s", sid)
             await self._release(sid)
 
     async def _open(self, o: verifier_pb2.OpenSession) -> tuple[DecodeSession, _Entry, int]:
         request = self._parse_open(o)
-        if o.handle.session_id:
+        resume = bool(o.handle.session_id)
+        if resume:
             entry = self._check_handle(o.handle)
             sid, reused = o.handle.session_id, entry.length
             entry.keep = o.keep_session
@@ -136,7 +141,7 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
             entry = self._entries[sid] = _Entry(next(self._epochs), o.keep_session)
         entry.running = True
         try:
-            s = await self._work(self.loop.resume if reused else self.loop.start, request, sid)
+            s = await self._work(self.loop.resume if resume else self.loop.start, request, sid)
         except DSparkError:
             entry.running = False
             if not self.loop.target.has(sid):  # a refused resume keeps its cache; a failed prefill does not
@@ -171,11 +176,10 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
         except DSparkError as e:
             await abort(context, e)
         sid, t0 = s.session_id, time.perf_counter()
-        state = {"done": False, "cancel": False, "error": None}
+        state = {"finished": False, "cancel": False, "error": None}
 
-        def on_done(_ctx) -> None:  # cancelled, failed or finished: free what is not kept
-            entry.running, entry.last_used = False, time.monotonic()
-            if not (state["done"] and entry.keep):
+        def on_done(_ctx) -> None:
+            if not state["finished"]:  # cancelled or failed before its Summary: free the session
                 asyncio.ensure_future(self._release(sid))
 
         context.add_done_callback(on_done)
@@ -188,16 +192,21 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
             yield verifier_pb2.DecodeEvent(round=verifier_pb2.Round(tokens=s.output, prefill=True))
             while not s.done and not state["cancel"]:
                 if state["error"] is not None:
-                    await abort(context, state["error"])
+                    raise state["error"]
                 r = await self._round(s)
                 yield verifier_pb2.DecodeEvent(round=round_to_proto(r))
-            entry.length = s.anchor_pos
-            finish = s.finish_reason if s.done else "cancelled"
-            state["done"] = finish != "cancelled"
+            kept = entry.keep and s.done  # a cancelled session is never kept
+            entry.length, entry.running, entry.last_used = s.anchor_pos, False, time.monotonic()
+            if not kept:
+                await self._release(sid)
+            state["finished"] = True
             yield verifier_pb2.DecodeEvent(summary=verifier_pb2.Summary(
-                finish_reason=finish, stats=stats_to_proto(s.stats), generated_tokens=len(s.output),
-                seconds=time.perf_counter() - t0, handle=self._handle(sid, entry) if entry.keep and state["done"] else None,
+                finish_reason=s.finish_reason or "cancelled", stats=stats_to_proto(s.stats),
+                generated_tokens=len(s.output), seconds=time.perf_counter() - t0,
+                handle=self._handle(sid, entry) if kept else None,
             ))
+        except DSparkError as e:
+            await abort(context, e)
         finally:
             control.cancel()
 
@@ -301,7 +310,9 @@ class VerifierServer:
                                          f"this target has {value}")
         if layers and layers != list(info.target_layer_ids):
             await proposer.stop()
-            raise FailedPrecondition(f"--feature-layers {layers} differ from the drafter's {list(info.target_layer_ids)}")
+            raise FailedPrecondition(
+                f"--feature-layers {layers} differ from the drafter's {list(info.target_layer_ids)}"
+            )
         self.proposer = proposer
         return list(info.target_layer_ids)
 
