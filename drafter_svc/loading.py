@@ -7,13 +7,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import PreTrainedModel
 
 from drafter_svc.checkpoint import load_checkpoint
 from drafter_svc.config import DSparkConfig
 from drafter_svc.draft_engine import DraftEngine
 from drafter_svc.dspark_model import DSparkDrafter
+
+if TYPE_CHECKING:  # transformers is slow to import; the drafter service never needs it
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ def random_config(target_config, *, block_size: int = 7, layers: int = 2, markov
     )
 
 
-def random_drafter(target: PreTrainedModel, *, seed: int = 0, **kw) -> DSparkDrafter:
+def random_drafter(target: "PreTrainedModel", *, seed: int = 0, **kw) -> DSparkDrafter:
     """An untrained drafter of the right shape; embed/lm_head copied from the target."""
     config = random_config(target.config, **kw)
     torch.manual_seed(seed)
@@ -55,7 +59,7 @@ def random_drafter(target: PreTrainedModel, *, seed: int = 0, **kw) -> DSparkDra
     return model.eval()
 
 
-def load_drafter(spec: str, target: PreTrainedModel, *, dtype: torch.dtype = torch.float32,
+def load_drafter(spec: str, target: "PreTrainedModel", *, dtype: torch.dtype = torch.float32,
                  device: str = "cpu") -> tuple[DSparkDrafter, str]:
     """Resolve 'default' | 'random' | a checkpoint directory. Returns the model and a description."""
     if spec == "default":

@@ -56,7 +56,9 @@ class ContextProjection:
 
     @torch.inference_mode()
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        x = features.float() @ self.fc.T
+        # Features come from the target's device; the projection weights live on the CPU side
+        # that encodes the wire message.
+        x = features.to(self.fc.device, torch.float32) @ self.fc.T
         return self.norm * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 

@@ -6,10 +6,12 @@ dequantizing it takes ~30 s, so the first load writes a safetensors copy and lat
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +56,8 @@ def _convert_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype) -> None:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted conversion
+    tmp.mkdir(parents=True)
     # save_pretrained refuses GGUF-quantized models, so write the pieces ourselves.
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -80,7 +83,12 @@ def resolve_model_dir(spec: str, dtype: torch.dtype = torch.float32) -> Path | s
             raise InvalidRequest(f"GGUF file not found: {path}", "model")
         out = cache_root() / "targets" / f"{path.stem}-{str(dtype).removeprefix('torch.')}"
         if not (out / "model.safetensors").is_file():
-            _convert_gguf(path, out, dtype)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # Several replicas may start on a cold cache at once: one converts, the rest wait.
+            with open(out.parent / f".{out.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (out / "model.safetensors").is_file():
+                    _convert_gguf(path, out, dtype)
         return out
     if path.exists():
         return path
