@@ -30,7 +30,9 @@ from drafter_svc.draft_engine import DraftEngine
 from drafter_svc.dspark_model import DSparkDrafter
 from dspark_common.errors import DSparkError, FailedPrecondition, InvalidRequest, NotFound
 from dspark_common.grpc_server import GrpcServer, serve_until_signal
-from dspark_common.grpc_status import abort, session_error
+from dspark_common.grpc_status import abort, code_name, session_error
+from dspark_common import tracing
+from dspark_common.metrics import DrafterMetrics, MetricsServer
 from dspark_common.micro_batch import MicroBatcher
 from dspark_common.proto import common_pb2, drafter_pb2, drafter_pb2_grpc
 from dspark_common.settings import DrafterSettings
@@ -41,6 +43,7 @@ from dspark_common.wire import proposal_to_proto, sampling_from_proto
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dspark.v1.Drafter"
+_tracer = tracing.tracer("drafter")
 
 
 # ---------------------------------------------------------------------------- domain of one message
@@ -61,6 +64,7 @@ class DraftWork:
     context: torch.Tensor | None = None
     projected: bool = False
     draft: DraftRequest | None = None
+    trace_context: object | None = None  # the sender's round (OpenTelemetry Context), when traced
 
 
 # ---------------------------------------------------------------------------- the servicer
@@ -93,8 +97,12 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
         max_batch: int = 64,
         max_message_bytes: int = 64 << 20,
         proposal_top_k: int = 8,
+        metrics: DrafterMetrics | None = None,
     ) -> None:
         self.model = model
+        self.metrics = metrics or DrafterMetrics()
+        self.metrics.sessions.set_function(lambda: len(self._owners))
+        self.metrics.streams.set_function(lambda: self._counters.open_streams)
         self.engine = engine
         self.config: DSparkConfig = engine.config
         self.replica_id = replica_id
@@ -119,6 +127,8 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
             raise InvalidRequest("handle.session_id is empty", "handle.session_id")
         w = DraftWork(msg.request_id, stream_id, h.session_id, h.epoch, 0 if msg.open else h.length, h.replica_id,
                       open=msg.open, close=msg.close)
+        if msg.trace_context:
+            w.trace_context = tracing.extract(dict(msg.trace_context))
         n = 0
         if msg.HasField("context"):
             kind = msg.context.WhichOneof("features")
@@ -224,9 +234,10 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
             if w.draft is not None:
                 drafting.append(i)
         if drafting:
-            t0 = time.perf_counter()
+            t0, t0_ns = time.perf_counter(), time.time_ns()
             proposals = self._propose([batch[i].draft for i in drafting])
             draft_ms = (time.perf_counter() - t0) * 1e3
+            self._observe_batch(batch, drafting, proposals, draft_ms, t0_ns, time.time_ns())
             self._counters.batches += 1
             self._counters.drafted_blocks += len(drafting)
             self._counters.max_batch = max(self._counters.max_batch, len(drafting))
@@ -245,6 +256,29 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
                 self._release(w.session_id)
                 replies[i].handle.length = 0
         return replies  # type: ignore[return-value]
+
+    def _observe_batch(self, batch: list[DraftWork], drafting: list[int], proposals, draft_ms: float,
+                       start_ns: int, end_ns: int) -> None:
+        """Metrics of one batched forward, and a span for each traced message in it."""
+        m = self.metrics
+        m.draft_seconds.observe(draft_ms / 1e3)
+        m.batch_size.observe(len(drafting))
+        m.blocks.inc(len(drafting))
+        for i, p in zip(drafting, proposals):
+            w = batch[i]
+            m.block_size.observe(w.draft.block_size)
+            if w.trace_context is None:
+                continue
+            span = _tracer.start_span("drafter.draft", context=w.trace_context, start_time=start_ns, attributes={
+                "dspark.service": "drafter", "dspark.replica_id": self.replica_id, "dspark.session_id": w.session_id,
+                "dspark.draft.block_size": w.draft.block_size, "dspark.draft.batch_size": len(drafting),
+                "dspark.draft.draft_ms": draft_ms, "dspark.draft.anchor_pos": w.draft.anchor_pos,
+                "dspark.draft.context_tokens": int(w.context.shape[0]) if w.context is not None else 0,
+                "dspark.draft.open": w.open,
+            })
+            if isinstance(p, DSparkError):
+                span.set_status(tracing.error_status(str(p)))
+            span.end(end_time=end_ns)
 
     def _propose(self, requests: list[DraftRequest]) -> list[Proposal | DSparkError]:
         """One batched propose; if it refuses, each request alone so only the bad one fails."""
@@ -280,6 +314,7 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
         async def read() -> None:
             try:
                 async for msg in request_iterator:
+                    self.metrics.queue_depth.inc()
                     try:
                         out.put_nowait(self.batcher.submit(self._decode(msg, stream_id)))
                     except DSparkError as e:  # malformed: answered at once, nothing applied
@@ -293,7 +328,13 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
         reader = loop.create_task(read())
         try:
             while (fut := await out.get()) is not None:
-                yield await fut
+                try:
+                    reply = await fut
+                finally:
+                    self.metrics.queue_depth.dec()
+                code = reply.error.code
+                self.metrics.messages.labels(status=code_name(code) if code else "ok").inc()
+                yield reply
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()
@@ -360,10 +401,12 @@ class DrafterServer:
         engine = DraftEngine(model, model.config, max_sessions=settings.max_sessions,
                              max_context=settings.max_context, proposal_top_k=settings.proposal_top_k)
         max_bytes = settings.max_message_mb << 20
+        self.metrics = DrafterMetrics()
+        self.metrics_server = MetricsServer(self.metrics.registry, settings.host, settings.metrics_port)
         self.service = DrafterService(
             model, engine, replica_id=settings.replica_id or uuid.uuid4().hex[:12], executor=self._executor,
             batch_window_s=settings.batch_window_ms / 1e3, max_batch=settings.max_batch,
-            max_message_bytes=max_bytes, proposal_top_k=settings.proposal_top_k,
+            max_message_bytes=max_bytes, proposal_top_k=settings.proposal_top_k, metrics=self.metrics,
         )
         self._grpc = GrpcServer([(drafter_pb2_grpc.add_DrafterServicer_to_server, self.service, SERVICE_NAME)],
                                 host=settings.host, port=settings.port, max_message_bytes=max_bytes)
@@ -378,11 +421,14 @@ class DrafterServer:
 
     async def start(self) -> int:
         self.service.batcher.start()
-        return await self._grpc.start()
+        port = await self._grpc.start()
+        self.metrics_server.start()
+        return port
 
     async def stop(self, grace: float | None = 0.5) -> None:
         await self._grpc.stop(grace)
         await self.service.batcher.stop()
+        self.metrics_server.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -415,6 +461,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = DrafterSettings.from_sources(args)
+    tracing.setup_tracing("drafter")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     model = load_model(settings)
@@ -422,7 +469,9 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         server = DrafterServer(model, settings)
         await server.start()
-        print(f"dspark drafter listening on {server.address} (replica {server.service.replica_id})", flush=True)
+        metrics = f", metrics :{server.metrics_server.port}" if server.metrics_server.port else ""
+        print(f"dspark drafter listening on {server.address} (replica {server.service.replica_id}{metrics})",
+              flush=True)
         await serve_until_signal(server.stop)
 
     asyncio.run(main())

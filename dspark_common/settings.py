@@ -89,6 +89,7 @@ class ServiceSettings(ModelSettings):
     port: int = Field(0, description="port to listen on (0 = any free port, printed at start)")
     replica_id: str = Field("", description="this replica's id in KV handles ('' = a fresh random id per start)")
     max_message_mb: int = Field(64, ge=1, description="largest gRPC message accepted or sent, in MiB")
+    metrics_port: int = Field(0, ge=0, description="port of the Prometheus /metrics endpoint (0 = off)")
 
 
 class DrafterSettings(ServiceSettings):
@@ -125,6 +126,8 @@ class VerifierSettings(ServiceSettings):
         "float16", description="dtype of the projected context features sent to the drafter"
     )
     profile_sps: bool = Field(True, description="profile target steps/s at start for the confidence scheduler")
+    trace_round_spans: int = Field(32, ge=0, description="tracing: a span per round for the first this many rounds "
+                                                         "of a generation; later rounds are aggregated into the decode span")
 
 
 class RouterSettings(Settings):

@@ -378,7 +378,9 @@ class RemoteProposer:
         link = self._link_for(s) if s is not None else None
         return link.address if link is not None else ""
 
-    async def propose_one(self, r: DraftRequest) -> DraftOutcome:
+    async def propose_one(self, r: DraftRequest, trace_context: dict[str, str] | None = None) -> DraftOutcome:
+        """One draft for one session. `trace_context` (W3C traceparent of the round) rides on the
+        message: the stream is shared by all sessions, so context cannot travel in its metadata."""
         s = self._get(r.session_id)
         link = self._link_for(s)
         if link is None or not link.ready:
@@ -398,6 +400,8 @@ class RemoteProposer:
                 seed=0 if r.sampling.greedy else int(torch.randint(0, 2**62, (1,), generator=r.generator)),
             ),
         )
+        if trace_context:
+            msg.trace_context.update(trace_context)
         if s.length > start:
             msg.context.start_pos = start
             msg.context.projected.CopyFrom(encode_tensor(s.history[start : s.length]))

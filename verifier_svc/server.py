@@ -22,11 +22,15 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from transformers import PreTrainedModel
 
 from dspark_common.errors import DSparkError, FailedPrecondition, InvalidRequest, NotFound
 from dspark_common.grpc_server import GrpcServer, serve_until_signal
 from dspark_common.grpc_status import abort
+from dspark_common import tracing
+from dspark_common.metrics import MetricsServer, VerifierMetrics
 from dspark_common.proto import common_pb2, verifier_pb2, verifier_pb2_grpc
 from dspark_common.settings import VerifierSettings
 from dspark_common.types import RoundStats, validate_draft_length
@@ -40,6 +44,17 @@ from verifier_svc.target_engine import TargetEngine
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dspark.v1.Verifier"
+_tracer = tracing.tracer("verifier")
+
+
+@dataclass
+class _Trace:
+    """One generation's decode span, and the rounds past the round-span limit, aggregated."""
+
+    span: trace.Span
+    round_spans: int  # rounds that may still get a span of their own
+    aggregated: dict = field(default_factory=lambda: dict(rounds=0, proposed=0, scheduled=0, accepted=0, tokens=0,
+                                                          draft_ms=0.0, verify_ms=0.0, fallbacks=0))
 
 
 def draft_length_from_proto(d: verifier_pb2.DraftLength) -> int | str:
@@ -68,8 +83,15 @@ class _Entry:
 
 class VerifierService(verifier_pb2_grpc.VerifierServicer):
     def __init__(self, loop: DecodeLoop, proposer: RemoteProposer | None, executor: ThreadPoolExecutor, *,
-                 replica_id: str) -> None:
+                 replica_id: str, metrics: VerifierMetrics | None = None, model_name: str = "",
+                 trace_round_spans: int = 32) -> None:
         self.loop = loop
+        self.metrics = metrics or VerifierMetrics()
+        self.model_name = model_name
+        self.trace_round_spans = trace_round_spans
+        self.metrics.kv_slots.set_function(lambda: loop.target.num_sessions)
+        self.metrics.kv_slots_max.set(loop.target.max_sessions)
+        self.metrics.running.set_function(lambda: sum(e.running for e in list(self._entries.values())))
         self.proposer = proposer
         self.replica_id = replica_id
         self._executor = executor
@@ -80,7 +102,11 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
 
     async def _work(self, fn, *args):
         """Run target work on the one worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self.metrics.queue_depth.inc()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self.metrics.queue_depth.dec()
 
     # ---- sessions -------------------------------------------------------------------------
     def _parse_open(self, o: verifier_pb2.OpenSession) -> GenerationRequest:
@@ -164,6 +190,46 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
 
     # ---- Decode ----------------------------------------------------------------------------
     async def Decode(self, request_iterator, context: grpc.aio.ServicerContext):
+        t_open = time.perf_counter()
+        parent = tracing.context_from_metadata(context.invocation_metadata())
+        span = _tracer.start_span("verifier.decode", context=parent, kind=trace.SpanKind.INTERNAL, attributes={
+            "dspark.service": "verifier", "dspark.replica_id": self.replica_id,
+            "gen_ai.operation.name": "text_completion", "gen_ai.request.model": self.model_name})
+        tr = _Trace(span, self.trace_round_spans)
+        status = "cancelled"
+        events = self._decode(request_iterator, context, tr, t_open)
+        try:
+            async for ev in events:
+                if ev.WhichOneof("kind") == "summary":
+                    status = "ok"
+                yield ev
+        except grpc.aio.AbortError:
+            code = context.code() if hasattr(context, "code") else None
+            status = getattr(code, "name", None) or "error"
+            span.set_status(Status(StatusCode.ERROR, status))
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            status = "INTERNAL"
+            span.record_exception(e)
+            span.set_status(Status(StatusCode.ERROR, type(e).__name__))
+            raise
+        finally:
+            await events.aclose()
+            self.metrics.requests.labels(status=status).inc()
+            self._end_trace(tr, status)
+
+    def _end_trace(self, tr: _Trace, status: str) -> None:
+        a = tr.aggregated
+        tr.span.set_attribute("dspark.status", status)
+        if a["rounds"]:
+            attrs = {f"dspark.aggregated.{k}": v for k, v in a.items()}
+            tr.span.set_attributes(attrs)
+            tr.span.add_event("rounds.aggregated", attrs)
+        tr.span.end()
+
+    async def _decode(self, request_iterator, context: grpc.aio.ServicerContext, tr: _Trace, t_open: float):
         requests = request_iterator.__aiter__()
         try:
             first = await requests.__anext__()
@@ -174,8 +240,15 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
         try:
             s, entry, reused = await self._open(first.open)
         except DSparkError as e:
+            tr.span.set_attribute("dspark.error", str(e))
             await abort(context, e)
         sid, t0 = s.session_id, time.perf_counter()
+        self.metrics.ttft.observe(t0 - t_open)
+        self.metrics.generated.inc(len(s.output))
+        tr.span.set_attributes({"dspark.session_id": sid, "gen_ai.usage.input_tokens": len(s.request.prompt_ids),
+                                "dspark.reused_tokens": reused, "gen_ai.request.max_tokens": s.request.max_new_tokens,
+                                "gen_ai.request.temperature": float(s.request.sampling.temperature),
+                                "dspark.draft_length": str(s.draft_length)})
         state = {"finished": False, "cancel": False, "error": None}
 
         def on_done(_ctx) -> None:
@@ -193,13 +266,20 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
             while not s.done and not state["cancel"]:
                 if state["error"] is not None:
                     raise state["error"]
-                r = await self._round(s)
+                r = await self._round(s, tr)
                 yield verifier_pb2.DecodeEvent(round=round_to_proto(r))
             kept = entry.keep and s.done  # a cancelled session is never kept
             entry.length, entry.running, entry.last_used = s.anchor_pos, False, time.monotonic()
             if not kept:
                 await self._release(sid)
             state["finished"] = True
+            st = s.stats
+            tr.span.set_attributes({
+                "gen_ai.usage.output_tokens": len(s.output), "gen_ai.response.finish_reasons": [s.finish_reason or "cancelled"],
+                "dspark.speculative.rounds": st.rounds, "dspark.speculative.draft_tokens": st.draft_tokens,
+                "dspark.speculative.accepted_draft_tokens": st.accepted_draft_tokens,
+                "dspark.speculative.mean_accepted_length": float(st.to_dict().get("mean_accepted_length", 0.0)),
+            })
             yield verifier_pb2.DecodeEvent(summary=verifier_pb2.Summary(
                 finish_reason=s.finish_reason or "cancelled", stats=stats_to_proto(s.stats),
                 generated_tokens=len(s.output), seconds=time.perf_counter() - t0,
@@ -210,19 +290,52 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
         finally:
             control.cancel()
 
-    async def _round(self, s: DecodeSession) -> RoundStats:
+    async def _round(self, s: DecodeSession, tr: _Trace | None = None) -> RoundStats:
+        t_round = time.perf_counter()
+        span = None
+        if tr is not None and tr.round_spans > 0 and tr.span.is_recording():
+            tr.round_spans -= 1
+            span = _tracer.start_span("verifier.round", context=tracing.span_context(tr.span),
+                                      attributes={"dspark.service": "verifier", "dspark.round": self._session_round(s)})
         r = self.loop.draft_request(s)
         outcome, draft_ms = DraftOutcome(None), 0.0
         if r is not None:
             t0 = time.perf_counter()
-            outcome = await self.proposer.propose_one(r)
+            carrier = tracing.inject(tracing.span_context(span)) if span is not None else None
+            outcome = await self.proposer.propose_one(r, trace_context=carrier)
             draft_ms = (time.perf_counter() - t0) * 1e3
         scheduled = self.loop.schedule(s, outcome.proposal)
         rs = await self._work(self.loop.verify, s, outcome.proposal, scheduled, draft_ms, outcome.fallback)
         self._rounds += 1
         if rs.fallback:
             self._fallbacks[rs.fallback.split(":")[0]] += 1
+        self.metrics.observe_round(proposed=rs.proposed, scheduled=rs.scheduled, accepted=rs.accepted,
+                                   tokens=len(rs.tokens), verify_s=rs.verify_ms / 1e3,
+                                   draft_s=draft_ms / 1e3 if r is not None else None,
+                                   round_s=time.perf_counter() - t_round, fallback=rs.fallback)
+        if span is not None:
+            span.set_attributes({
+                "dspark.round.proposed": rs.proposed, "dspark.round.scheduled": rs.scheduled,
+                "dspark.round.accepted": rs.accepted, "dspark.round.tokens": len(rs.tokens),
+                "dspark.round.batch_tokens": rs.scheduled + 1, "dspark.round.draft_ms": rs.draft_ms,
+                "dspark.round.verify_ms": rs.verify_ms, "dspark.round.fallback": rs.fallback,
+            })
+            span.end()
+        elif tr is not None:
+            a = tr.aggregated
+            a["rounds"] += 1
+            a["proposed"] += rs.proposed
+            a["scheduled"] += rs.scheduled
+            a["accepted"] += rs.accepted
+            a["tokens"] += len(rs.tokens)
+            a["draft_ms"] += rs.draft_ms
+            a["verify_ms"] += rs.verify_ms
+            a["fallbacks"] += bool(rs.fallback)
         return rs
+
+    @staticmethod
+    def _session_round(s: DecodeSession) -> int:
+        return int(s.stats.rounds) + 1
 
     async def _control(self, requests, s: DecodeSession, state: dict) -> None:
         """Messages after open: change the draft length, cancel."""
@@ -277,6 +390,9 @@ class VerifierServer:
         self.proposer: RemoteProposer | None = None
         self.service: VerifierService | None = None
         self._grpc: GrpcServer | None = None
+        self.metrics = VerifierMetrics()
+        self.metrics_server = MetricsServer(self.metrics.registry, settings.host, settings.metrics_port)
+        self.model_name = settings.model or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
 
     @property
     def port(self) -> int:
@@ -327,16 +443,21 @@ class VerifierServer:
             sps = await asyncio.get_running_loop().run_in_executor(
                 self._executor, lambda: profile_sps(target, max_tokens=block + 1))
         loop = DecodeLoop(target, self.proposer, sps=sps, track_context=True)
-        self.service = VerifierService(loop, self.proposer, self._executor, replica_id=self.replica_id)
+        self.service = VerifierService(loop, self.proposer, self._executor, replica_id=self.replica_id,
+                                       metrics=self.metrics, model_name=self.model_name,
+                                       trace_round_spans=st.trace_round_spans)
         self._grpc = GrpcServer([(verifier_pb2_grpc.add_VerifierServicer_to_server, self.service, SERVICE_NAME)],
                                 host=st.host, port=st.port, max_message_bytes=st.max_message_mb << 20)
-        return await self._grpc.start()
+        port = await self._grpc.start()
+        self.metrics_server.start()
+        return port
 
     async def stop(self, grace: float | None = 0.5) -> None:
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self.proposer is not None:
             await self.proposer.stop()
+        self.metrics_server.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -348,6 +469,7 @@ def run(args: argparse.Namespace) -> int:
     from verifier_svc.target_loading import load_target
 
     settings = VerifierSettings.from_sources(args)
+    tracing.setup_tracing("verifier")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     target = load_target(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
@@ -355,8 +477,9 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         server = VerifierServer(target.model, settings)
         await server.start()
+        metrics = f", metrics :{server.metrics_server.port}" if server.metrics_server.port else ""
         print(f"dspark verifier listening on {server.address} (replica {server.replica_id}, "
-              f"drafters {settings.drafter or 'none'})", flush=True)
+              f"drafters {settings.drafter or 'none'}{metrics})", flush=True)
         await serve_until_signal(server.stop)
 
     asyncio.run(main())
