@@ -29,6 +29,7 @@ from drafter_svc.config import DSparkConfig
 from drafter_svc.draft_engine import DraftEngine
 from drafter_svc.dspark_model import DSparkDrafter
 from dspark_common.errors import DSparkError, FailedPrecondition, InvalidRequest, NotFound
+from dspark_common.registry import advertise_address, register_forever
 from dspark_common.grpc_server import GrpcServer, serve_until_signal
 from dspark_common.grpc_status import abort, code_name, session_error
 from dspark_common import tracing
@@ -468,11 +469,26 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         server = DrafterServer(model, settings)
-        await server.start()
+        port = await server.start()
         metrics = f", metrics :{server.metrics_server.port}" if server.metrics_server.port else ""
         print(f"dspark drafter listening on {server.address} (replica {server.service.replica_id}{metrics})",
               flush=True)
-        await serve_until_signal(server.stop)
+        heartbeat = None
+        if settings.redis_url:
+            def load() -> dict:
+                return {"sessions": server.service.engine.stats()["sessions"]}
+
+            heartbeat = asyncio.create_task(register_forever(
+                settings.redis_url, "drafter", advertise_address(settings.host, port, settings.advertise_host), load,
+                prefix=settings.redis_prefix))
+
+        async def stop() -> None:
+            if heartbeat is not None:
+                heartbeat.cancel()
+                await asyncio.gather(heartbeat, return_exceptions=True)
+            await server.stop()
+
+        await serve_until_signal(stop)
 
     asyncio.run(main())
     return 0

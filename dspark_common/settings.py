@@ -90,6 +90,9 @@ class ServiceSettings(ModelSettings):
     replica_id: str = Field("", description="this replica's id in KV handles ('' = a fresh random id per start)")
     max_message_mb: int = Field(64, ge=1, description="largest gRPC message accepted or sent, in MiB")
     metrics_port: int = Field(0, ge=0, description="port of the Prometheus /metrics endpoint (0 = off)")
+    redis_url: str = Field("", description="register this replica in Redis (heartbeat with a TTL) ('' = don't)")
+    redis_prefix: str = Field("dspark", description="prefix of the replica keys in Redis")
+    advertise_host: str = Field("", description="host other replicas dial ('' = --host, or this machine's IP)")
 
 
 class DrafterSettings(ServiceSettings):

@@ -232,15 +232,14 @@ class RemoteProposer:
     def __init__(self, addresses: list[str], *, replica_id: str, deadline_s: float = 2.0,
                  backoff_s: tuple[float, float] = (0.05, 2.0), max_message_bytes: int = 64 << 20,
                  wire_dtype: str = "float16") -> None:
-        if not addresses:
-            raise InvalidRequest("a remote proposer needs at least one drafter address", "drafter")
         self.replica_id = replica_id
         self.deadline_s = deadline_s
         self.wire_dtype = DTYPES[wire_dtype]
         self.info: drafter_pb2.DrafterInfo | None = None
         self.projection: ContextProjection | None = None
-        self.links = [DrafterLink(a, check_info=self._check_info, max_message_bytes=max_message_bytes,
-                                  deadline_s=deadline_s, backoff_s=backoff_s) for a in addresses]
+        self._link_args = dict(check_info=self._check_info, max_message_bytes=max_message_bytes,
+                               deadline_s=deadline_s, backoff_s=backoff_s)
+        self.links = [DrafterLink(a, **self._link_args) for a in addresses]
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._tasks: list[asyncio.Task] = []
@@ -273,6 +272,26 @@ class RemoteProposer:
         for w in waits:
             w.cancel()
         return self.info is not None
+
+    def add_link(self, address: str) -> None:
+        """Start using a drafter that appeared (Redis discovery); call on the event loop."""
+        if any(link.address == address for link in self.links):
+            return
+        link = DrafterLink(address, **self._link_args)
+        self.links.append(link)
+        if self._loop is not None:
+            self._tasks.append(self._loop.create_task(link.run()))
+
+    def remove_link(self, address: str) -> None:
+        """Stop using a drafter whose registration expired; its sessions fail over next round."""
+        for i, link in enumerate(self.links):
+            if link.address == address:
+                del self.links[i]
+                link.ready = False
+                task = self._tasks.pop(i) if i < len(self._tasks) else None
+                if task is not None:
+                    task.cancel()
+                return
 
     async def stop(self) -> None:
         for t in self._tasks:

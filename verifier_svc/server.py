@@ -32,6 +32,7 @@ from dspark_common.grpc_status import abort
 from dspark_common import tracing
 from dspark_common.metrics import MetricsServer, VerifierMetrics
 from dspark_common.proto import common_pb2, verifier_pb2, verifier_pb2_grpc
+from dspark_common.registry import advertise_address, register_forever, registered
 from dspark_common.settings import VerifierSettings
 from dspark_common.types import RoundStats, validate_draft_length
 from dspark_common.wire import sampling_from_proto, stats_to_proto
@@ -393,6 +394,8 @@ class VerifierServer:
         self.metrics = VerifierMetrics()
         self.metrics_server = MetricsServer(self.metrics.registry, settings.host, settings.metrics_port)
         self.model_name = settings.model or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        self._redis = None  # set when drafters are discovered through Redis
+        self._background: list[asyncio.Task] = []
 
     @property
     def port(self) -> int:
@@ -402,13 +405,49 @@ class VerifierServer:
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
+    async def _discover_drafters(self, wait_s: float) -> list[str]:
+        """Drafter addresses registered in Redis, waiting up to `wait_s` for the first one."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                found = sorted(await registered(self._redis, self.settings.redis_prefix, "drafter"))
+            except Exception as e:  # Redis not up yet: keep waiting
+                log.warning("cannot read drafters from Redis: %s", e)
+                found = []
+            if found or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(0.5)
+
+    async def _follow_drafters(self) -> None:
+        """Keep the proposer's drafter links equal to the live Redis registrations (scaling)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                live = set(await registered(self._redis, self.settings.redis_prefix, "drafter"))
+            except Exception:
+                continue
+            if self.proposer is None or not live:
+                continue  # never drop the last links on an empty read
+            for address in live - {link.address for link in self.proposer.links}:
+                log.info("drafter %s registered: connecting", address)
+                self.proposer.add_link(address)
+            for address in {link.address for link in self.proposer.links} - live:
+                log.info("drafter %s no longer registered: dropping", address)
+                self.proposer.remove_link(address)
+
     async def _connect_drafters(self) -> list[int]:
         st = self.settings
         layers = list(st.feature_layers)
-        if not st.drafter:
+        addresses = list(st.drafter)
+        if not addresses and st.redis_url:
+            import redis.asyncio as redis
+
+            self._redis = redis.Redis.from_url(st.redis_url, decode_responses=True)
+            addresses = await self._discover_drafters(st.drafter_wait_s)
+        if not addresses:
             return []
         proposer = RemoteProposer(
-            st.drafter, replica_id=self.replica_id, deadline_s=st.draft_deadline_ms / 1e3,
+            addresses, replica_id=self.replica_id, deadline_s=st.draft_deadline_ms / 1e3,
             backoff_s=(st.reconnect_min_ms / 1e3, st.reconnect_max_ms / 1e3),
             max_message_bytes=st.max_message_mb << 20, wire_dtype=st.feature_wire_dtype,
         )
@@ -450,9 +489,22 @@ class VerifierServer:
                                 host=st.host, port=st.port, max_message_bytes=st.max_message_mb << 20)
         port = await self._grpc.start()
         self.metrics_server.start()
+        if self._redis is not None and self.proposer is not None and not st.drafter:
+            self._background.append(asyncio.create_task(self._follow_drafters()))
+        if st.redis_url:
+            self._background.append(asyncio.create_task(register_forever(
+                st.redis_url, "verifier", advertise_address(st.host, port, st.advertise_host), self._load,
+                prefix=st.redis_prefix)))
         return port
 
+    def _load(self) -> dict:
+        target = self.service.loop.target
+        return {"sessions": target.num_sessions, "max_sessions": target.max_sessions}
+
     async def stop(self, grace: float | None = 0.5) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self.proposer is not None:
