@@ -3,7 +3,7 @@ the same commands, the same environment — with two drafters and two verifiers,
 goes through the router over HTTP.
 
 What is substituted, and why (everything else comes from the compose file as it is):
-- DSPARK_HOST 0.0.0.0 -> 127.0.0.1, and DSPARK_PORT / DSPARK_GRPC_PORT -> free ports: replicas
+- DSPARK_HOST 0.0.0.0 -> 127.0.0.1, and DSPARK_PORT / DSPARK_GRPC_PORT / DSPARK_METRICS_PORT -> free ports: replicas
   share this machine's network instead of having a container each;
 - DSPARK_REDIS_URL redis://redis:6379/0 -> this machine's Redis, database 11 (emptied before
   and after), in place of the `redis` service;
@@ -236,7 +236,7 @@ def test_cpu_stack_with_two_drafters_and_two_verifiers(tmp_path, redis_db):
             replicas = []
             for i in range(REPLICAS.get(name, 1)):
                 env = cf.environment(svc)
-                ports = {k: free_port() for k in ("DSPARK_PORT", "DSPARK_GRPC_PORT") if k in env}
+                ports = {k: free_port() for k in ("DSPARK_PORT", "DSPARK_GRPC_PORT", "DSPARK_METRICS_PORT") if k in env}
                 replicas.append(stack.start(name, i, ports))
                 if name in addresses:
                     addresses[name].append(f"127.0.0.1:{ports['DSPARK_PORT']}")
