@@ -224,7 +224,8 @@ def test_target_engine_deepseek_v4_extend_rollback():
         ids = torch.tensor([kept + block])
         ref = model(input_ids=ids, use_cache=False, output_hidden_states=True)
         torch.testing.assert_close(res.logits, ref.logits[0, -(k + 1):].float(), atol=ATOL, rtol=0)
-        want_feats = torch.cat([ref.hidden_states[i][0, -(k + 1):] for i in (1, 2)], dim=-1)
+        # V4 hidden states carry mHC streams [S, hc, d]; the engine hands the drafter their mean.
+        want_feats = torch.cat([ref.hidden_states[i][0, -(k + 1):].mean(dim=1) for i in (1, 2)], dim=-1)
         torch.testing.assert_close(res.features, want_feats, atol=ATOL, rtol=0)
         keep = rng.randint(1, k + 1)
         engine.rollback("s", len(kept) + keep)
