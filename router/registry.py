@@ -15,11 +15,7 @@ and skipped until a probe answers again."""
 from __future__ import annotations
 
 import asyncio
-import inspect
-import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,7 +23,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-from dspark_common.registry import ROLES, _call, register_forever, registered, replica_key  # noqa: F401
+from dspark_common.registry import ROLES, register_forever, registered, replica_key  # noqa: F401  (re-exported)
 
 
 @dataclass
