@@ -202,7 +202,7 @@ def test_calibration_lowers_ece_of_an_over_confident_head(target, cache_dir, tmp
     assert conf.shape == acc.shape == valid.shape and conf.shape[1] == 4
     # validity is prefix-closed, like DeepSpec's cumulative eval mask
     assert torch.equal(valid, valid.to(torch.int64).cumprod(1).bool())
-    result = calibrate(model, reader, plot=tmp_path / "rel.png")
+    result = calibrate(model, reader, max_anchors=32, plot=tmp_path / "rel.png")
     s = result["report"]["summary"]
     assert s["ece_after"] < s["ece_before"] and s["ece_before"] > 0.3
     assert len(result["temperatures"]) == 4 and max(result["temperatures"]) > 1.0

@@ -107,6 +107,7 @@ def plot_acceptance(results: dict[str, dict], path: str | Path, title: str = "")
     ax.set_xlabel("draft position k")
     ax.set_ylabel("P(accept k | 1..k−1 accepted)")
     ax.set_ylim(0, 1)
+    ax.set_xticks(range(1, 1 + max((len(r["conditional_acceptance"]) for r in results.values()), default=1)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:

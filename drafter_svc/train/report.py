@@ -69,6 +69,8 @@ def plot(results: dict[tuple[str, str], dict[str, dict]], path: str | Path) -> P
                 ax.plot(xs, [y for y in ys if y is not None], "o-", label=f"{label} τ={res[d]['tau']:.2f}")
             ax.set_title(f"{d}, T={t}", fontsize=9)
             ax.set_ylim(0, 1)
+            ax.set_xlim(0.5, 7.5)
+            ax.set_xticks(range(1, 8))
             ax.set_xlabel("draft position k", fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)

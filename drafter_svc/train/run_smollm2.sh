@@ -11,15 +11,17 @@ R=runs/smollm2
 STEPS=${STEPS:-560}
 EVAL_LIMIT=${EVAL_LIMIT:-10}
 EVAL_TOKENS=${EVAL_TOKENS:-64}
+TEMPS=${TEMPS:-"0 1"}
+EVAL_DIR=${EVAL_DIR:-$R/eval}
 EVAL_FILES=${EVAL_FILES:-"$(ls ../shared/data/prompts/eval/*.jsonl 2>/dev/null || ls /work/shared/data/prompts/eval/*.jsonl)"}
 FIT_ARGS="--cache $R/cache --steps $STEPS --batch-seqs 1 --num-anchors 48 --block-size 7 --layers 2 --ckpt-every 25"
-mkdir -p $R/logs $R/eval docs/img
+mkdir -p $R/logs $EVAL_DIR docs/img
 
 eval_run() {  # eval_run LABEL DRAFTER_DIR
-  for t in 0 1; do
+  for t in $TEMPS; do
     $PY -m dspark_common.cli eval --dataset $EVAL_FILES --limit "$EVAL_LIMIT" --max-new-tokens "$EVAL_TOKENS" \
-      --block-size 7 --temperature "$t" --drafter "$2" --json > "$R/eval/$1_T$t.jsonl.tmp"
-    mv "$R/eval/$1_T$t.jsonl.tmp" "$R/eval/$1_T$t.jsonl"
+      --block-size 7 --temperature "$t" --drafter "$2" --json > "$EVAL_DIR/$1_T$t.jsonl.tmp"
+    mv "$EVAL_DIR/$1_T$t.jsonl.tmp" "$EVAL_DIR/$1_T$t.jsonl"
   done
 }
 
@@ -43,7 +45,7 @@ case "${1:-}" in
   eval-rank0)
     eval_run rank0 $R/export_rank0 ;;
   report)
-    $PY -m drafter_svc.train.report $R/eval/*.jsonl --plot docs/img/acceptance_by_position.png
+    $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
     echo "usage: $0 datagen|cache|fit|finish|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
