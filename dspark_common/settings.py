@@ -28,7 +28,7 @@ class Settings(BaseModel):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for name, f in cls.model_fields.items():
             flag = "--" + name.replace("_", "-")
-            help_text = f"{f.description or ''} [env {cls.env_name(name)}; default {f.default!r}]"
+            help_text = f"{f.description or ''} [env {cls.env_name(name)}; default {f.get_default(call_default_factory=True)!r}]"
             ann = f.annotation
             if ann is bool:
                 parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
