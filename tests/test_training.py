@@ -14,6 +14,7 @@ from drafter_svc.loading import default_layer_ids
 from drafter_svc.train.cache import CacheReader, build_cache
 from drafter_svc.train.calibrate import calibrate, greedy_rounds
 from drafter_svc.train.evaluate import RoundOutcome, evaluate, summarize
+from drafter_svc.train.evaluate import outcome_of as outcome_of_round
 from drafter_svc.train.export import export_run
 from drafter_svc.train.fit import FitOptions, Trainer, load_run_model, lr_at
 from drafter_svc.train.objective import block_targets, sample_anchors, sparse_l1
@@ -259,3 +260,91 @@ def test_eval_on_a_tiny_model(target, bad_at):
     else:  # slot 3 (1-based) is always wrong: accept 1, 1, then 0, never reached after
         assert cond[:3] == [1.0, 1.0, 0.0] and cond[3] is None and cond[4] is None
         assert res["tau_uncapped"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_greedy_replay_matches_the_decode_loop_round_for_round(target, stop):
+    """`dspark eval --replay` must count exactly the rounds DecodeLoop runs (same block, greedy)."""
+    from drafter_svc.loading import draft_engine
+    from drafter_svc.train.replay import greedy_paths, replay_path
+    from tests.tiny_models import tiny_drafter
+
+    drafter = tiny_drafter(target, block_size=6)
+    engine = TargetEngine(target, feature_layer_ids=drafter.config.target_layer_ids)
+    prompts = [[5, 9, 13, 2], [7, 7, 1, 30, 31], [3, 4]]
+    plain = [DecodeLoop(engine, None).generate(GenerationRequest(p, 30, draft_length=0)).token_ids for p in prompts]
+    # Make the drafter propose the path's most frequent token after every token, so rounds accept
+    # 0..5 drafts (a random drafter would accept nothing and test nothing).
+    flat = [t for row in plain for t in row]
+    favourite = max(set(flat), key=flat.count)
+    stop_ids = frozenset({plain[0][12]}) if stop else frozenset()
+    with torch.no_grad():
+        drafter.markov_head.markov_w1.weight.fill_(1.0)
+        drafter.markov_head.markov_w2.weight.zero_()
+        drafter.markov_head.markov_w2.weight[favourite] = 50.0
+    loop = DecodeLoop(engine, draft_engine(drafter))
+    paths = greedy_paths(target, prompts, max_new_tokens=30, stop_ids=stop_ids,
+                         layer_ids=drafter.config.target_layer_ids, batch_size=2)
+    accepted = 0
+    for prompt, path in zip(prompts, paths):
+        real = loop.generate(GenerationRequest(prompt, 30, draft_length=5, stop_ids=stop_ids))
+        assert path.tokens == real.token_ids and path.path_mismatches == 0
+        want = [outcome_of_round(r, stop_ids) for r in real.rounds]
+        got = replay_path(drafter, path, block_size=5, max_new_tokens=30, stop_ids=stop_ids)
+        assert got == want
+        accepted += sum(o.accepted for o in got)
+    assert accepted > 0
+
+
+def test_datagen_writes_the_same_cache_as_a_second_pass(tmp_path):
+    """`datagen --cache` takes features and top-k from the generation's own forwards; they must match
+    what `train cache` computes with one full forward over prompt + answer."""
+    import argparse
+
+    from drafter_svc.train import datagen
+    from drafter_svc.train.cache import CacheReader, build_cache
+    from verifier_svc.target_loading import load_target
+
+    prompts = tmp_path / "train" / "toy.jsonl"
+    prompts.parent.mkdir()
+    prompts.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in
+                               ["What is 2+2?", "Name a colour.", "Write a haiku about rain in Paris."]))
+    args = argparse.Namespace(model="smollm2", prompts=[str(prompts)], out=str(tmp_path / "data"), max_new_tokens=20,
+                              max_prompt_tokens=384, batch_size=2, limit=0, seed=0, threads=1, sampling="greedy",
+                              shard="0/1", cache=str(tmp_path / "fused"), cache_max_length=560)
+    datagen.generate(args)
+    target = load_target("smollm2").model
+    fused = CacheReader(tmp_path / "fused", None)
+    build_cache(target, tmp_path / "data", tmp_path / "two_pass", fused.manifest["target_layer_ids"],
+                max_length=560, progress=False)
+    ref = CacheReader(tmp_path / "two_pass", None)
+    assert fused.keys == ref.keys and len(fused.keys) >= 2  # answers under 14 tokens are dropped by both
+    for key in fused.keys:
+        a, b = fused.get(key), ref.get(key)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
+        n = a.input_ids.shape[0] - 1  # the last position's features are not produced by generation
+        assert torch.allclose(a.features[:n].float(), b.features[:n].float(), rtol=2e-2, atol=2e-2)
+        need = b.loss_mask[1:].nonzero().squeeze(-1)
+        assert torch.equal(a.topk_ids[need, 0], b.topk_ids[need, 0])
+        assert torch.allclose(a.topk_probs[need], b.topk_probs[need], atol=2e-3)
+
+
+def test_greedy_drafts_of_many_anchors_equal_each_anchor_alone(target):
+    """Batching the replay's blocks must not mix blocks (the Markov bias is per block)."""
+    from drafter_svc.train.replay import greedy_drafts
+    from tests.tiny_models import tiny_drafter
+
+    drafter = tiny_drafter(target, block_size=5)
+    with torch.no_grad():  # make the sequential head matter
+        drafter.markov_head.markov_w2.weight.normal_(0, 2.0)
+    ids = torch.randint(0, target.config.vocab_size, (40,))
+    feats = torch.randn(40, drafter.config.context_feature_size)
+    anchors = torch.arange(5, 35)
+    keep = torch.ones_like(anchors, dtype=torch.bool)
+    out = drafter.forward_train(feats[None], ids[None], anchors[None], keep[None])
+    together, conf = greedy_drafts(drafter, out, ids[anchors])
+    for j, a in enumerate(anchors.tolist()):
+        one = drafter.forward_train(feats[None], ids[None], torch.tensor([[a]]), torch.ones(1, 1, dtype=torch.bool))
+        alone, conf1 = greedy_drafts(drafter, one, ids[a : a + 1])
+        assert together[j].tolist() == alone[0].tolist()
+        assert torch.allclose(conf[j], conf1[0], atol=1e-5)

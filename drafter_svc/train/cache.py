@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 DEFAULT_TOP_K = 32
+# `datagen --cache` writes its shards from index DATAGEN_SHARD_BASE·(shard+1) on, so that datagen
+# processes and a `cache` build (below the base) never pick the same shard index.
+DATAGEN_SHARD_BASE = 10_000
 
 
 @dataclass
@@ -48,10 +51,10 @@ class CachedSequence:
 
 @torch.inference_mode()
 def target_outputs(
-    model, layer_ids: list[int], seqs: list[Sequence], top_k: int
+    model, layer_ids: list[int], seqs: list[Sequence], top_k: int, feature_dtype: torch.dtype = torch.float16
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One right-padded target forward over `seqs` -> per sequence (features [S, T*d] fp16,
-    topk_ids [S, K] int32, topk_probs [S, K] fp16)."""
+    """One right-padded target forward over `seqs` -> per sequence (features [S, T*d] fp16 (or
+    `feature_dtype`), topk_ids [S, K] int32, topk_probs [S, K] fp16)."""
     width = max(len(s.input_ids) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     attn = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -76,7 +79,8 @@ def target_outputs(
         k_ids[pos] = top.indices.to(torch.int32)
         k_probs[pos] = top.values.to(torch.float16)
         # fp16, not bf16: ~3 significant digits; SmolLM2's massive activations (~2.5e4) stay in range.
-        results.append((feats[i, :n].clamp(-65504, 65504).to(torch.float16).contiguous(), k_ids, k_probs))
+        f = feats[i, :n].clamp(-65504, 65504) if feature_dtype == torch.float16 else feats[i, :n]
+        results.append((f.to(feature_dtype).contiguous(), k_ids, k_probs))
     return results
 
 
@@ -111,6 +115,35 @@ def completed_shards(directory: Path) -> list[tuple[Path, dict]]:
     return out
 
 
+def open_cache(out_dir: str | Path, model, layer_ids: list[int], *, target_name: str, top_k: int,
+               max_length: int, answers: str) -> Path:
+    """Create the cache directory and its manifest, or check that an existing one was built with the
+    same layers, width, k and length cap (shards of different builds must not mix)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "target": target_name,
+        "target_layer_ids": list(layer_ids),
+        "hidden_size": int(model.config.hidden_size),
+        "feature_dtype": "float16",
+        "top_k": top_k,
+        "max_length": max_length,
+        "answers": answers,
+        "num_target_layers": int(model.config.num_hidden_layers),
+    }
+    mpath = out / MANIFEST
+    if mpath.is_file():
+        old = json.loads(mpath.read_text())
+        for k in ("target_layer_ids", "hidden_size", "top_k", "max_length"):
+            if old.get(k) != manifest[k]:
+                raise FailedPrecondition(f"cache {out} was built with {k}={old.get(k)}, not {manifest[k]}")
+    else:
+        tmp = mpath.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        tmp.rename(mpath)
+    return out
+
+
 def build_cache(
     model,
     answers: str | Path,
@@ -126,29 +159,12 @@ def build_cache(
     progress: bool = True,
 ) -> int:
     """Cache every sequence of `answers` not cached yet; returns how many were added."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hidden = int(model.config.hidden_size)
-    manifest = {
-        "target": target_name,
-        "target_layer_ids": list(layer_ids),
-        "hidden_size": hidden,
-        "feature_dtype": "float16",
-        "top_k": top_k,
-        "max_length": max_length,
-        "answers": str(answers),
-        "num_target_layers": int(model.config.num_hidden_layers),
-    }
-    mpath = out / MANIFEST
-    if mpath.is_file():
-        old = json.loads(mpath.read_text())
-        for k in ("target_layer_ids", "hidden_size", "top_k", "max_length"):
-            if old.get(k) != manifest[k]:
-                raise FailedPrecondition(f"cache {out} was built with {k}={old.get(k)}, not {manifest[k]}")
-    mpath.write_text(json.dumps(manifest, indent=2))
+    out = open_cache(out_dir, model, layer_ids, target_name=target_name, top_k=top_k, max_length=max_length,
+                     answers=str(answers))
     shards = completed_shards(out)
     done = {k for _, side in shards for k in side["keys"]}
-    next_index = 1 + max((int(p.stem.split("_")[1]) for p, _ in shards), default=-1)
+    next_index = 1 + max((i for i in (int(p.stem.split("_")[1]) for p, _ in shards) if i < DATAGEN_SHARD_BASE),
+                         default=-1)
     todo = [s for s in read_answers(answers, max_length=max_length) if s.key not in done]
     if limit:
         todo = todo[: max(0, limit - len(done))]
@@ -216,7 +232,7 @@ class CacheReader:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="target model spec (see load_target)")
-    p.add_argument("--answers", default="runs/smollm2/data/answers.jsonl")
+    p.add_argument("--answers", default="runs/smollm2/data", help="answers file or datagen directory")
     p.add_argument("--out", default="runs/smollm2/cache")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="target layer ids (default: 4 spread)")
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)

@@ -25,6 +25,7 @@ from drafter_svc.calibration import calibration_report, fit_sts, plot_reliabilit
 from drafter_svc.dspark_model import DSparkDrafter
 from drafter_svc.train.cache import CachedSequence, CacheReader
 from drafter_svc.train.objective import block_targets, sample_anchors
+from drafter_svc.train.replay import greedy_drafts
 
 
 @torch.inference_mode()
@@ -37,30 +38,15 @@ def greedy_rounds(model: DSparkDrafter, seq: CachedSequence, max_anchors: int = 
     anchors, keep = sample_anchors(seq.loss_mask, max_anchors, gen, pad=False)
     labels, eval_mask, _ = block_targets(seq.input_ids, seq.loss_mask, anchors, keep, block)
     out = model.forward_train(seq.features[None].float(), seq.input_ids[None], anchors[None], keep[None])
-    h = out.hidden[0]  # [N, B, d]
-    base = out.logits[0]
-    if model.markov_head is not None:
-        base = base - model.markov_head.block_bias(out.prev_tokens[0], out.hidden)[0]
     pos = (anchors[:, None] + torch.arange(block)[None, :]).clamp(max=seq.input_ids.shape[0] - 1)
     target_top1 = seq.topk_ids[pos][..., 0]  # [N, B]
-    prev = seq.input_ids[anchors]
-    state = None
-    drafts, confs = [], []
-    for k in range(block):
-        bias, state = model.markov_step(prev, h[:, k], state)
-        logits_k = base[:, k] if bias is None else base[:, k] + bias
-        conf = model.confidence_logits(h[:, k], prev)
-        x = logits_k.argmax(-1)
-        drafts.append(x)
-        confs.append(conf)
-        prev = x
-    drafts_t = torch.stack(drafts, 1)
+    drafts_t, conf = greedy_drafts(model, out, seq.input_ids[anchors])
     accepted = drafts_t == target_top1
     # Off the cached path once an accepted draft token differs from the data token.
     off_path = (accepted & (drafts_t != labels)).to(torch.int64)
     before_off = torch.cat([torch.zeros_like(off_path[:, :1]), off_path[:, :-1].cumsum(1)], 1) == 0
     valid = eval_mask & before_off
-    return torch.stack(confs, 1), accepted.to(torch.int64), valid
+    return conf, accepted.to(torch.int64), valid
 
 
 def collect(model: DSparkDrafter, reader: CacheReader, max_sequences: int = 0, max_anchors: int = 256):

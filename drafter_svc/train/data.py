@@ -34,12 +34,20 @@ def split_of(key: str, heldout_percent: int = HELDOUT_PERCENT) -> str:
     return "heldout" if bucket < heldout_percent else "train"
 
 
+def answer_files(path: str | Path) -> list[Path]:
+    """An answers file, or every `answers*.jsonl` of a datagen directory (one per datagen shard)."""
+    path = Path(path)
+    return sorted(path.glob("answers*.jsonl")) if path.is_dir() else [path]
+
+
 def read_answers(path: str | Path, *, max_length: int = 0, min_loss_tokens: int = MIN_LOSS_TOKENS) -> list[Sequence]:
-    """All usable sequences of an answers.jsonl (a partially written last line is skipped).
-    `max_length` > 0 truncates sequences to that many tokens (the answer's tail goes first)."""
+    """All usable sequences of an answers file or datagen directory (a partially written last line
+    is skipped). `max_length` > 0 truncates sequences to that many tokens (the answer's tail goes
+    first)."""
     out: list[Sequence] = []
     seen: set[str] = set()
-    for line in Path(path).read_text().split("\n"):
+    lines = [l for f in answer_files(path) for l in f.read_text().split("\n")]
+    for line in lines:
         if not line.strip():
             continue
         try:

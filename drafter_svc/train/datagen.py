@@ -18,7 +18,12 @@ from tqdm import tqdm
 from dspark_common.errors import InvalidRequest
 from verifier_svc.target_loading import DEFAULT_TARGET, chat_prompt_ids, load_target
 
-SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}  # DeepSpec's Qwen3 regeneration settings
+# DeepSpec's Qwen3 regeneration settings; "greedy" matches the answers the target gives at T = 0,
+# which is what the default serving path (and the greedy floors) verify against.
+SAMPLINGS = {
+    "deepspec": {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
+    "greedy": {"do_sample": False},
+}
 
 
 def load_prompts(files: list[Path], max_prompt_tokens: int, tokenizer) -> list[tuple[str, list[int]]]:
@@ -47,25 +52,38 @@ def generate(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    answers = out_dir / "answers.jsonl"
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    # One file per shard, so shards run as separate processes; every shard's file counts as done.
+    answers = out_dir / ("answers.jsonl" if shards == 1 else f"answers.{shard}.jsonl")
     done = set()
-    if answers.exists():
-        done = {json.loads(l)["key"] for l in answers.read_text().split("\n") if l.strip()}
+    for f in out_dir.glob("answers*.jsonl"):
+        done |= {json.loads(l)["key"] for l in f.read_text().split("\n") if l.strip()}
     target = load_target(args.model)
     tok, model = target.tokenizer, target.model
     prompts = load_prompts([Path(p) for p in args.prompts], args.max_prompt_tokens, tok)
     if args.limit:
         prompts = prompts[: args.limit]
-    todo = [p for p in prompts if p[0] not in done]
-    (out_dir / "datagen_config.json").write_text(json.dumps({
-        "model": args.model, "sampling": SAMPLING, "max_new_tokens": args.max_new_tokens,
+    todo = [p for i, p in enumerate(prompts) if p[0] not in done and i % shards == shard]
+    (out_dir / f"datagen_config{'' if shards == 1 else f'.{shard}'}.json").write_text(json.dumps({
+        "model": args.model, "sampling": SAMPLINGS[args.sampling], "max_new_tokens": args.max_new_tokens,
         "max_prompt_tokens": args.max_prompt_tokens, "prompts": args.prompts, "seed": args.seed,
         "chat_template": "target tokenizer's own (SmolLM2 default system prompt)",
     }, indent=2))
+    cache = None
+    if args.cache:
+        from drafter_svc.loading import default_layer_ids
+        from drafter_svc.train.cache import DATAGEN_SHARD_BASE, DEFAULT_TOP_K, completed_shards, open_cache
+
+        layer_ids = default_layer_ids(int(model.config.num_hidden_layers))
+        cache = open_cache(args.cache, model, layer_ids, target_name=target.name, top_k=DEFAULT_TOP_K,
+                           max_length=args.cache_max_length, answers=str(out_dir))
+        lo = DATAGEN_SHARD_BASE * (shard + 1)
+        mine = [int(p.stem.split("_")[1]) for p, _ in completed_shards(cache)]
+        shard_index = 1 + max((i for i in mine if lo <= i < lo + DATAGEN_SHARD_BASE), default=lo - 1)
     # Similar lengths in a batch waste less padding.
     todo.sort(key=lambda p: len(p[1]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="datagen", unit="answer")
+    bar = tqdm(total=len(todo), desc="datagen", unit="answer")
     with answers.open("a") as fh:
         for b in range(0, len(todo), args.batch_size):
             batch = todo[b : b + args.batch_size]
@@ -76,19 +94,60 @@ def generate(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 gen = model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=True,
-                    pad_token_id=pad, **SAMPLING,
+                    input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                    pad_token_id=pad, return_dict_in_generate=True, output_hidden_states=cache is not None,
+                    output_logits=cache is not None, **SAMPLINGS[args.sampling],
                 )
             dt = time.perf_counter() - t0
-            for (key, prompt), row in zip(batch, gen[:, width:].tolist()):
+            rows = []
+            for row in gen.sequences[:, width:].tolist():
                 if tok.eos_token_id in row:
                     row = row[: row.index(tok.eos_token_id) + 1]
                 else:
                     row = [t for t in row if t != pad]
+                rows.append(row)
+            if cache is not None:  # shard first: answers without a shard are cached later by `cache`
+                write_generation_shard(cache, shard_index, gen, batch, rows, width, layer_ids, args.cache_max_length)
+                shard_index += 1
+            for (key, prompt), row in zip(batch, rows):
                 fh.write(json.dumps({"key": key, "prompt_ids": prompt, "answer_ids": row}) + "\n")
             fh.flush()
-            bar.set_postfix(tok_s=f"{gen[:, width:].numel() / dt:.0f}")
+            bar.set_postfix(tok_s=f"{gen.sequences[:, width:].numel() / dt:.0f}")
             bar.update(len(batch))
+
+
+@torch.inference_mode()
+def write_generation_shard(cache_dir: Path, index: int, gen, batch, rows, width: int, layer_ids, max_length: int):
+    """The target cache of one generated batch, from the generation's own forwards (no second pass):
+    prompt features from the prefill step, answer features from the decode steps, top-k next-token
+    probabilities (T = 1) from the step logits. The last answer token's features are never needed
+    (no block's context reaches it) and may not exist (generation stopped): stored as zeros."""
+    from drafter_svc.train.cache import DEFAULT_TOP_K, write_shard
+    from drafter_svc.train.data import MIN_LOSS_TOKENS, Sequence
+
+    hs = gen.hidden_states  # per step: per layer (0 = embeddings) [B, width or 1, d]
+    seqs, outputs = [], []
+    for b, ((key, prompt), row) in enumerate(zip(batch, rows)):
+        p, n = len(prompt), len(row)
+        if n < MIN_LOSS_TOKENS or (max_length and p + n > max_length):
+            continue
+        feats = []
+        for layer in layer_ids:
+            dec = [hs[1 + j][layer + 1][b, 0] for j in range(n - 1) if 1 + j < len(hs)]
+            parts = [hs[0][layer + 1][b, width - p:]] + ([torch.stack(dec)] if dec else [])
+            x = torch.cat(parts)
+            feats.append(torch.cat([x, x.new_zeros(p + n - x.shape[0], x.shape[-1])]))
+        feats = torch.cat(feats, dim=-1).clamp(-65504, 65504).to(torch.float16)
+        logits = torch.stack([gen.logits[t][b] for t in range(n)]).float()
+        top = torch.softmax(logits, dim=-1).topk(DEFAULT_TOP_K, dim=-1)
+        k_ids = torch.zeros(p + n, DEFAULT_TOP_K, dtype=torch.int32)
+        k_probs = torch.zeros(p + n, DEFAULT_TOP_K, dtype=torch.float16)
+        k_ids[p - 1 : p - 1 + n] = top.indices.to(torch.int32)
+        k_probs[p - 1 : p - 1 + n] = top.values.to(torch.float16)
+        seqs.append(Sequence(key, prompt + row, [0] * p + [1] * n))
+        outputs.append((feats.contiguous(), k_ids, k_probs))
+    if seqs:
+        write_shard(cache_dir, index, seqs, outputs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,6 +161,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default="", help="also write the target cache (features + top-k) from the "
+                   "generation's own forwards into this directory, saving `dspark train cache` a second pass")
+    p.add_argument("--cache-max-length", type=int, default=560, help="as `cache --max-length`")
+    p.add_argument("--sampling", choices=sorted(SAMPLINGS), default="greedy")
+    p.add_argument("--shard", default="0/1", help="I/N: this process takes prompts i with i %% N == I "
+                   "and writes answers.I.jsonl (run N processes side by side)")
 
 
 if __name__ == "__main__":
