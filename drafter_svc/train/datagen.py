@@ -80,6 +80,7 @@ def generate(args: argparse.Namespace) -> None:
         lo = DATAGEN_SHARD_BASE * (shard + 1)
         mine = [int(p.stem.split("_")[1]) for p, _ in completed_shards(cache)]
         shard_index = 1 + max((i for i in mine if lo <= i < lo + DATAGEN_SHARD_BASE), default=lo - 1)
+        capture = GenerationCapture(model, layer_ids, DEFAULT_TOP_K)
     # Similar lengths in a batch waste less padding.
     todo.sort(key=lambda p: len(p[1]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -95,8 +96,7 @@ def generate(args: argparse.Namespace) -> None:
             with torch.inference_mode():
                 gen = model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                    pad_token_id=pad, return_dict_in_generate=True, output_hidden_states=cache is not None,
-                    output_logits=cache is not None, **SAMPLINGS[args.sampling],
+                    pad_token_id=pad, return_dict_in_generate=True, **SAMPLINGS[args.sampling],
                 )
             dt = time.perf_counter() - t0
             rows = []
@@ -107,7 +107,8 @@ def generate(args: argparse.Namespace) -> None:
                     row = [t for t in row if t != pad]
                 rows.append(row)
             if cache is not None:  # shard first: answers without a shard are cached later by `cache`
-                write_generation_shard(cache, shard_index, gen, batch, rows, width, layer_ids, args.cache_max_length)
+                write_generation_shard(cache, shard_index, capture, batch, rows, width, args.cache_max_length)
+                capture.reset()
                 shard_index += 1
             for (key, prompt), row in zip(batch, rows):
                 fh.write(json.dumps({"key": key, "prompt_ids": prompt, "answer_ids": row}) + "\n")
@@ -116,34 +117,67 @@ def generate(args: argparse.Namespace) -> None:
             bar.update(len(batch))
 
 
+class GenerationCapture:
+    """Forward hooks that keep, for every forward of a `generate()` call, the outputs of the chosen
+    target layers and the top-k of the next-token distribution (T = 1) at the last position.
+
+    Why hooks: `output_hidden_states`/`output_logits` keep all 31 layers and a 49152-wide fp32 row
+    per step and sequence, ~10 GB for a 64-prompt batch; this keeps ~0.3 GB."""
+
+    def __init__(self, model, layer_ids: list[int], top_k: int) -> None:
+        self.layer_ids, self.top_k = list(layer_ids), top_k
+        self.steps: list[list[torch.Tensor]] = []  # per forward: per layer [B, T, d]
+        self.tops: list[tuple[torch.Tensor, torch.Tensor]] = []  # per forward: ([B, K] ids, [B, K] probs)
+        self._current: dict[int, torch.Tensor] = {}
+        layers = model.model.layers
+        self._hooks = [layers[i].register_forward_hook(self._layer_hook(i)) for i in self.layer_ids]
+        self._hooks.append(model.get_output_embeddings().register_forward_hook(self._head_hook))
+
+    def _layer_hook(self, i: int):
+        def hook(_module, _inputs, output):
+            self._current[i] = (output[0] if isinstance(output, tuple) else output).detach()
+        return hook
+
+    def _head_hook(self, _module, _inputs, output) -> None:
+        top = torch.softmax(output[:, -1].float(), dim=-1).topk(self.top_k, dim=-1)
+        self.steps.append([self._current[i] for i in self.layer_ids])
+        self.tops.append((top.indices.to(torch.int32), top.values.to(torch.float16)))
+        self._current = {}
+
+    def reset(self) -> None:
+        self.steps, self.tops = [], []
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
 @torch.inference_mode()
-def write_generation_shard(cache_dir: Path, index: int, gen, batch, rows, width: int, layer_ids, max_length: int):
-    """The target cache of one generated batch, from the generation's own forwards (no second pass):
-    prompt features from the prefill step, answer features from the decode steps, top-k next-token
-    probabilities (T = 1) from the step logits. The last answer token's features are never needed
-    (no block's context reaches it) and may not exist (generation stopped): stored as zeros."""
-    from drafter_svc.train.cache import DEFAULT_TOP_K, write_shard
+def write_generation_shard(cache_dir: Path, index: int, cap: GenerationCapture, batch, rows, width: int,
+                           max_length: int) -> None:
+    """The target cache of one generated batch from the generation's own forwards (no second pass):
+    prompt features from the prefill forward, answer features from the decode forwards, top-k
+    next-token probabilities from each forward's last position. The last answer token's features
+    are never needed (no block's context reaches it) and may not exist (generation stopped): zeros."""
+    from drafter_svc.train.cache import write_shard
     from drafter_svc.train.data import MIN_LOSS_TOKENS, Sequence
 
-    hs = gen.hidden_states  # per step: per layer (0 = embeddings) [B, width or 1, d]
+    steps, tops, k = cap.steps, cap.tops, cap.top_k
     seqs, outputs = [], []
     for b, ((key, prompt), row) in enumerate(zip(batch, rows)):
         p, n = len(prompt), len(row)
         if n < MIN_LOSS_TOKENS or (max_length and p + n > max_length):
             continue
         feats = []
-        for layer in layer_ids:
-            dec = [hs[1 + j][layer + 1][b, 0] for j in range(n - 1) if 1 + j < len(hs)]
-            parts = [hs[0][layer + 1][b, width - p:]] + ([torch.stack(dec)] if dec else [])
-            x = torch.cat(parts)
+        for li in range(len(cap.layer_ids)):
+            dec = [steps[1 + j][li][b, -1] for j in range(n - 1) if 1 + j < len(steps)]
+            x = torch.cat([steps[0][li][b, width - p:]] + ([torch.stack(dec)] if dec else []))
             feats.append(torch.cat([x, x.new_zeros(p + n - x.shape[0], x.shape[-1])]))
         feats = torch.cat(feats, dim=-1).clamp(-65504, 65504).to(torch.float16)
-        logits = torch.stack([gen.logits[t][b] for t in range(n)]).float()
-        top = torch.softmax(logits, dim=-1).topk(DEFAULT_TOP_K, dim=-1)
-        k_ids = torch.zeros(p + n, DEFAULT_TOP_K, dtype=torch.int32)
-        k_probs = torch.zeros(p + n, DEFAULT_TOP_K, dtype=torch.float16)
-        k_ids[p - 1 : p - 1 + n] = top.indices.to(torch.int32)
-        k_probs[p - 1 : p - 1 + n] = top.values.to(torch.float16)
+        k_ids = torch.zeros(p + n, k, dtype=torch.int32)
+        k_probs = torch.zeros(p + n, k, dtype=torch.float16)
+        k_ids[p - 1 : p - 1 + n] = torch.stack([tops[t][0][b] for t in range(n)])
+        k_probs[p - 1 : p - 1 + n] = torch.stack([tops[t][1][b] for t in range(n)])
         seqs.append(Sequence(key, prompt + row, [0] * p + [1] * n))
         outputs.append((feats.contiguous(), k_ids, k_probs))
     if seqs:
