@@ -117,7 +117,7 @@ class DrafterService(drafter_pb2_grpc.DrafterServicer):
         self._counters = _Counters()
         self._max_context = engine.stats()["max_context"]
         self.batcher = MicroBatcher(self._run_batch, executor, key=lambda w: w.session_id, window_s=batch_window_s,
-                                    max_batch=max_batch)
+                                    max_batch=max_batch, expected=lambda: len(self._owners))
         self._info = self._build_info()
 
     # ---- decoding (event loop) ----------------------------------------------------------

@@ -22,9 +22,9 @@ class MicroBatcher(Generic[Item, Result]):
     fails only its own item) on `executor` for whatever has queued.
 
     A batch takes the queue as it stands — after waiting `window_s` past its first item for
-    company — up to `max_batch` items and at most one item per `key` (a later item of the same key
-    waits for the next batch, so one session's items run in submission order). Items queued while
-    a batch runs form the next one."""
+    company, unless `expected()` keys are queued already — up to `max_batch` items and at most
+    one item per `key` (a later item of the same key waits for the next batch, so one session's
+    items run in submission order). Items queued while a batch runs form the next one."""
 
     def __init__(
         self,
@@ -34,12 +34,14 @@ class MicroBatcher(Generic[Item, Result]):
         key: Callable[[Item], Hashable],
         window_s: float = 0.0,
         max_batch: int = 64,
+        expected: Callable[[], int] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor
         self._key = key
         self._window_s = window_s
         self._max_batch = max_batch
+        self._expected = expected
         self._queue: collections.deque[tuple[Item, asyncio.Future]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -78,13 +80,20 @@ class MicroBatcher(Generic[Item, Result]):
         self._queue.extendleft(reversed(held))
         return batch
 
+    def _all_in(self) -> bool:
+        """Every key that could submit has an item queued: waiting for company would only add
+        latency (always the case with a single session)."""
+        if self._expected is None:
+            return False
+        return len({self._key(item) for item, _ in self._queue}) >= self._expected()
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self._window_s > 0:
+            if self._window_s > 0 and not self._all_in():
                 await asyncio.sleep(self._window_s)
             batch = self._take_batch()
             if not batch:
