@@ -9,7 +9,11 @@ verifier's Decode stream driven through the generated stubs. Per-token latency =
 the first token (prefill) until the generation ends, divided by the tokens generated after it.
 Greedy outputs must be token-identical. Bytes: the serialized protobuf size (`ByteSize()`, no gRPC
 5-byte message header, no HTTP/2 framing) of every DraftMessage (verifier -> drafter) and
-DraftReply (drafter -> verifier), counted by wrapping the drafter servicer's Draft stream."""
+DraftReply (drafter -> verifier), counted on the verifier's side of the stream (`DrafterLink`).
+
+`--drafter-process` runs the drafter as its own process (`dspark drafter`, as deployed) instead of
+in the benchmark's process: the verifier and the drafter then no longer share one interpreter
+lock, so the figure is the deployment's, not a single-process artefact."""
 
 from __future__ import annotations
 
@@ -42,24 +46,66 @@ BYTES = {"to_drafter": 0, "to_verifier": 0, "messages_to_drafter": 0, "messages_
 
 
 def _install_byte_counter() -> None:
-    """Wrap DrafterService.Draft so every request and reply message is sized on the wire side."""
-    original = drafter_server.DrafterService.Draft
+    """Wrap the verifier's DrafterLink so every request and reply message is sized."""
+    from verifier_svc.drafter_client import DrafterLink
 
-    async def Draft(self, request_iterator, context):
-        async def counted():
-            async for msg in request_iterator:
-                if BYTES["messages_to_drafter"] == 0:  # the session's open: carries the prompt's features
-                    BYTES["first_to_drafter"] = msg.ByteSize()
-                BYTES["to_drafter"] += msg.ByteSize()
-                BYTES["messages_to_drafter"] += 1
-                yield msg
+    call, send = DrafterLink.call, DrafterLink.send
 
-        async for reply in original(self, counted(), context):
-            BYTES["to_verifier"] += reply.ByteSize()
-            BYTES["messages_to_verifier"] += 1
-            yield reply
+    def count_out(msg) -> None:
+        if BYTES["messages_to_drafter"] == 0:  # the session's open: carries the prompt's features
+            BYTES["first_to_drafter"] = msg.ByteSize()
+        BYTES["to_drafter"] += msg.ByteSize()
+        BYTES["messages_to_drafter"] += 1
 
-    drafter_server.DrafterService.Draft = Draft
+    async def counted_call(self, msg, timeout):
+        count_out(msg)
+        reply = await call(self, msg, timeout)
+        BYTES["to_verifier"] += reply.ByteSize()
+        BYTES["messages_to_verifier"] += 1
+        return reply
+
+    def counted_send(self, msg):
+        count_out(msg)
+        return send(self, msg)
+
+    DrafterLink.call, DrafterLink.send = counted_call, counted_send
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _start_drafter_process(checkpoint: str):
+    """`dspark drafter` as a child process; returns (process, address) once it answers Info."""
+    import subprocess
+    import sys
+
+    import grpc
+
+    from dspark_common.proto import drafter_pb2, drafter_pb2_grpc
+
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DSPARK_REDIS_URL": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "dspark_common.cli", "drafter", "--port", str(port),
+                             "--checkpoint", checkpoint, "--host", "127.0.0.1", "--threads", "1"], env=env)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the drafter process exited with {proc.returncode}")
+        try:
+            # Info carries the context projection (fc + hidden_norm) weights: ~5 MB
+            async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+                await drafter_pb2_grpc.DrafterStub(ch).Info(drafter_pb2.DrafterInfoRequest(), timeout=2)
+            return proc, address
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the drafter process did not come up within 180 s")
 
 
 def load_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -130,9 +176,14 @@ async def main(args) -> dict:
     drafter_model = stack.loop.proposer._model
     prompts = load_prompts(stack.tokenizer, args.prompts)
 
-    drafter = drafter_server.DrafterServer(drafter_model, DrafterSettings.from_sources(None, env={}, port=0))
-    await drafter.start()
-    vs = VerifierSettings.from_sources(None, env={}, port=0, drafter=[drafter.address], profile_sps=False,
+    proc = drafter = None
+    if args.drafter_process:
+        proc, address = await _start_drafter_process("default")
+    else:
+        drafter = drafter_server.DrafterServer(drafter_model, DrafterSettings.from_sources(None, env={}, port=0))
+        await drafter.start()
+        address = drafter.address
+    vs = VerifierSettings.from_sources(None, env={}, port=0, drafter=[address], profile_sps=False,
                                        drafter_wait_s=30.0)
     verifier = VerifierServer(target_model, vs, sps=SpsTable({1: 1.0}))
     await verifier.start()
@@ -175,7 +226,11 @@ async def main(args) -> dict:
     finally:
         await channel.close()
         await verifier.stop()
-        await drafter.stop()
+        if drafter is not None:
+            await drafter.stop()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
 
     la = statistics.median(r["local_per_token_ms"] for r in rows)
     lb = statistics.median(r["service_per_token_ms"] for r in rows)
@@ -199,7 +254,8 @@ async def main(args) -> dict:
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         settings=dict(prompts=args.prompts, max_new_tokens=args.max_new_tokens, draft_length=args.draft_length,
                       greedy=True, threads=1, target=stack.target_name, drafter=stack.drafter_name,
-                      feature_wire_dtype=vs.feature_wire_dtype, prompts_file=str(PROMPTS)),
+                      feature_wire_dtype=vs.feature_wire_dtype, prompts_file=str(PROMPTS),
+                      drafter_process=args.drafter_process),
         bytes_method="serialized protobuf ByteSize() of each DraftMessage/DraftReply, counted by wrapping "
                      "DrafterService.Draft; excludes the 5-byte gRPC message prefix and HTTP/2 framing",
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
@@ -213,6 +269,8 @@ def cli() -> None:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--draft-length", type=int, default=4)
+    p.add_argument("--drafter-process", action="store_true",
+                   help="run the drafter as its own `dspark drafter` process (as deployed)")
     p.add_argument("--out", default="docs/perf/disagg_overhead.json")
     args = p.parse_args()
     result = asyncio.run(main(args))

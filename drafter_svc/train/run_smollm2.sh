@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The recipe that produced models/dspark-smollm2-135m (docs/TRAINING.md), stage by stage.
 # Every stage is resumable/idempotent; run from the repository root:
-#   drafter_svc/train/run_smollm2.sh cache | fit | finish | ablation | eval-dspark | eval-rank0 | report
+#   drafter_svc/train/run_smollm2.sh datagen | cache | fit | ablation | finish | eval-dspark | eval-rank0 | report
+# (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
 set -euo pipefail
 export OMP_NUM_THREADS=1
 PY=${PY:-.venv/bin/python}
 R=runs/smollm2
-STEPS=${STEPS:-560}
-EVAL_LIMIT=${EVAL_LIMIT:-10}
-EVAL_TOKENS=${EVAL_TOKENS:-64}
+STEPS=${STEPS:-3000}
+EVAL_LIMIT=${EVAL_LIMIT:-50}         # greedy table: replayed rounds (cheap)
+EVAL_TOKENS=${EVAL_TOKENS:-128}
+T1_LIMIT=${T1_LIMIT:-10}             # T = 1 table: the real decode loop (~0.3 s per round here)
+T1_TOKENS=${T1_TOKENS:-64}
+TRAIN=../shared/data/prompts/train
 TEMPS=${TEMPS:-"0 1"}
 EVAL_DIR=${EVAL_DIR:-$R/eval}
 EVAL_FILES=${EVAL_FILES:-"$(ls ../shared/data/prompts/eval/*.jsonl 2>/dev/null || ls /work/shared/data/prompts/eval/*.jsonl)"}
@@ -19,18 +23,27 @@ mkdir -p $R/logs $EVAL_DIR docs/img
 
 eval_run() {  # eval_run LABEL DRAFTER_DIR
   for t in $TEMPS; do
-    $PY -m dspark_common.cli eval --dataset $EVAL_FILES --limit "$EVAL_LIMIT" --max-new-tokens "$EVAL_TOKENS" \
-      --block-size 7 --temperature "$t" --drafter "$2" --json > "$EVAL_DIR/$1_T$t.jsonl.tmp"
+    if [[ "$t" == 0 ]]; then  # greedy: rounds replayed on the target's greedy path (exact, ~40x cheaper)
+      $PY -m dspark_common.cli eval --dataset $EVAL_FILES --limit "$EVAL_LIMIT" --max-new-tokens "$EVAL_TOKENS" \
+        --block-size 7 --temperature 0 --replay --replay-cache $R/replay --drafter "$2" --json > "$EVAL_DIR/$1_T$t.jsonl.tmp"
+    else
+      $PY -m dspark_common.cli eval --dataset $EVAL_FILES --limit "$T1_LIMIT" --max-new-tokens "$T1_TOKENS" \
+        --block-size 7 --temperature "$t" --drafter "$2" --json > "$EVAL_DIR/$1_T$t.jsonl.tmp"
+    fi
     mv "$EVAL_DIR/$1_T$t.jsonl.tmp" "$EVAL_DIR/$1_T$t.jsonl"
   done
 }
 
 case "${1:-}" in
-  datagen)  # the background job that produced the answers (resumable)
-    $PY -m dspark_common.cli train datagen --limit 1600 --max-new-tokens 160 --batch-size 48 --threads 1 \
-      --out $R/data ;;
-  cache)
-    $PY -m dspark_common.cli train cache --out $R/cache --shard-size 32 --batch-size 8 --max-length 560 ;;
+  datagen)  # greedy answers + their target cache in one pass, two shards side by side (resumable)
+    for i in 0 1; do
+      $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
+        $TRAIN/arena-hard-v2-head500.jsonl --limit 2400 --max-new-tokens 128 --batch-size 64 --threads 1 \
+        --sampling greedy --shard $i/2 --out $R/data --cache $R/cache > $R/logs/datagen.$i.log 2>&1 &
+    done
+    wait ;;
+  cache)  # answers without a cache entry (e.g. written before --cache was used)
+    $PY -m dspark_common.cli train cache --answers $R/data --out $R/cache --shard-size 32 --batch-size 8 --max-length 560 ;;
   fit)
     $PY -m dspark_common.cli train fit $FIT_ARGS --markov-rank 64 --out $R/fit ;;
   finish)  # calibrate, export the default drafter, loss curves
