@@ -55,6 +55,7 @@ class FitOptions:
     alpha_conf: float = 1.0
     seed: int = 42
     ckpt_every: int = 50
+    device: str = "cpu"  # e.g. cuda: where the drafter trains (data is prepared on the CPU)
     mask_token_id: int | None = None
 
     # options that change what is trained; a resume must not change them. `steps` may grow: the
@@ -103,12 +104,16 @@ def trainable_state(model: DSparkDrafter) -> dict[str, torch.Tensor]:
 
 
 def sequence_sums(model: DSparkDrafter, seq: CachedSequence, anchors, keep, labels, weights):
-    """Forward one cached sequence's blocks and return the loss sums."""
-    out = model.forward_train(seq.features[None].float(), seq.input_ids[None], anchors[None], keep[None])
+    """Forward one cached sequence's blocks and return the loss sums. Data is prepared on the CPU
+    and moved to the model's device here (a no-op on the CPU)."""
+    dev = model.device
     block = model.config.block_size
     pos = (anchors[:, None] + torch.arange(block)[None, :]).clamp(max=seq.input_ids.shape[0] - 1)
+    out = model.forward_train(seq.features[None].to(dev).float(), seq.input_ids[None].to(dev), anchors[None].to(dev),
+                              keep[None].to(dev))
     conf = out.confidence_logits[0] if out.confidence_logits is not None else None
-    return dspark_loss_sums(out.logits[0], conf, labels, weights, seq.topk_ids[pos], seq.topk_probs[pos])
+    return dspark_loss_sums(out.logits[0], conf, labels.to(dev), weights.to(dev), seq.topk_ids[pos].to(dev),
+                            seq.topk_probs[pos].to(dev))
 
 
 class Trainer:
@@ -122,7 +127,7 @@ class Trainer:
         self.progress = progress
         layer_ids = self.reader.manifest["target_layer_ids"]
         self.config = draft_config(target.config, layer_ids, opts)
-        self.model = build_model(self.config, target, opts.seed).train()
+        self.model = build_model(self.config, target, opts.seed).to(opts.device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=0.0)
         self.alphas = LossWeights(opts.alpha_ce, opts.alpha_tv, opts.alpha_conf)
@@ -147,7 +152,7 @@ class Trainer:
             changed = [k for k in FitOptions.MODEL_KEYS if k in old and old[k] != getattr(self.opts, k)]
             if changed:
                 raise FailedPrecondition(f"cannot resume {self.run_dir}: options changed {changed}")
-            state = torch.load(self.state_path, weights_only=False)
+            state = torch.load(self.state_path, weights_only=False, map_location="cpu")
             self.model.load_state_dict(state["model"], strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
             self.step, self.epoch, self.order, self.pos = state["step"], state["epoch"], state["order"], state["pos"]
@@ -322,7 +327,7 @@ def load_run_model(run_dir: str | Path, target=None) -> DSparkDrafter:
     state_path = run_dir / STATE_DIR / STATE_FILE
     if not state_path.is_file():
         raise FailedPrecondition(f"no training state at {state_path}")
-    state = torch.load(state_path, weights_only=False)
+    state = torch.load(state_path, weights_only=False, map_location="cpu")
     model = build_model(config, target, 0) if target is not None else DSparkDrafter(config)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if unexpected or set(missing) - {"embed_tokens.weight", "lm_head.weight"}:

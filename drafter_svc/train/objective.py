@@ -132,7 +132,7 @@ def dspark_loss_sums(
         conf = logits.new_zeros((), dtype=torch.float32)
 
     # Diagnostics: expected acceptance per slot and tau_probabilistic = 1 + Σ_j Π_{i≤j} acc_i.
-    acc = torch.zeros(n * block)
+    acc = torch.zeros(n * block, device=logits.device)
     acc[sel] = soft
     acc = acc.view(n, block)
     mask = (weights > 0).float()
@@ -143,8 +143,8 @@ def dspark_loss_sums(
         tv=(w * l1).sum(),
         conf=conf,
         weight=float(w.sum()),
-        slot_accept=(acc * mask).sum(0),
-        slot_count=mask.sum(0),
+        slot_accept=(acc * mask).sum(0).cpu(),
+        slot_count=mask.sum(0).cpu(),
         tau_prob=float((1.0 + survival.sum(-1))[block_valid].sum()),
         blocks=int(block_valid.sum()),
     )
