@@ -12,13 +12,13 @@ R=runs/smollm2
 STEPS=${STEPS:-3000}
 EVAL_LIMIT=${EVAL_LIMIT:-50}         # greedy table: replayed rounds (cheap)
 EVAL_TOKENS=${EVAL_TOKENS:-128}
-T1_LIMIT=${T1_LIMIT:-10}             # T = 1 table: the real decode loop (~0.3 s per round here)
+T1_LIMIT=${T1_LIMIT:-6}              # T = 1 table: the real decode loop (~0.3 s per round here)
 T1_TOKENS=${T1_TOKENS:-64}
 TRAIN=../shared/data/prompts/train
 TEMPS=${TEMPS:-"0 1"}
 EVAL_DIR=${EVAL_DIR:-$R/eval}
 EVAL_FILES=${EVAL_FILES:-"$(ls ../shared/data/prompts/eval/*.jsonl 2>/dev/null || ls /work/shared/data/prompts/eval/*.jsonl)"}
-FIT_ARGS="--cache $R/cache --steps $STEPS --batch-seqs 1 --num-anchors 48 --block-size 7 --layers 2 --ckpt-every 25"
+FIT_ARGS="--cache $R/cache --steps $STEPS --batch-seqs 1 --num-anchors 48 --block-size 7 --layers 2 --ckpt-every 50"
 mkdir -p $R/logs $EVAL_DIR docs/img
 
 eval_run() {  # eval_run LABEL DRAFTER_DIR
