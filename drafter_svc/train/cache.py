@@ -115,6 +115,13 @@ def completed_shards(directory: Path) -> list[tuple[Path, dict]]:
     return out
 
 
+def next_shard_index(shards: list[tuple[Path, dict]], lo: int = 0, hi: int = DATAGEN_SHARD_BASE) -> int:
+    """The index after the highest of `completed_shards` in [lo, hi) (lo when there is none):
+    `cache` builds use [0, base), datagen shard s uses [base·(s+1), base·(s+2))."""
+    indices = (int(p.stem.split("_")[1]) for p, _ in shards)
+    return 1 + max((i for i in indices if lo <= i < hi), default=lo - 1)
+
+
 def open_cache(out_dir: str | Path, model, layer_ids: list[int], *, target_name: str, top_k: int,
                max_length: int, answers: str) -> Path:
     """Create the cache directory and its manifest, or check that an existing one was built with the
@@ -163,8 +170,7 @@ def build_cache(
                      answers=str(answers))
     shards = completed_shards(out)
     done = {k for _, side in shards for k in side["keys"]}
-    next_index = 1 + max((i for i in (int(p.stem.split("_")[1]) for p, _ in shards) if i < DATAGEN_SHARD_BASE),
-                         default=-1)
+    next_index = next_shard_index(shards)
     todo = [s for s in read_answers(answers, max_length=max_length) if s.key not in done]
     if limit:
         todo = todo[: max(0, limit - len(done))]

@@ -72,14 +72,19 @@ def generate(args: argparse.Namespace) -> None:
     cache = None
     if args.cache:
         from drafter_svc.loading import default_layer_ids
-        from drafter_svc.train.cache import DATAGEN_SHARD_BASE, DEFAULT_TOP_K, completed_shards, open_cache
+        from drafter_svc.train.cache import (
+            DATAGEN_SHARD_BASE,
+            DEFAULT_TOP_K,
+            completed_shards,
+            next_shard_index,
+            open_cache,
+        )
 
         layer_ids = default_layer_ids(int(model.config.num_hidden_layers))
         cache = open_cache(args.cache, model, layer_ids, target_name=target.name, top_k=DEFAULT_TOP_K,
                            max_length=args.cache_max_length, answers=str(out_dir))
         lo = DATAGEN_SHARD_BASE * (shard + 1)
-        mine = [int(p.stem.split("_")[1]) for p, _ in completed_shards(cache)]
-        shard_index = 1 + max((i for i in mine if lo <= i < lo + DATAGEN_SHARD_BASE), default=lo - 1)
+        shard_index = next_shard_index(completed_shards(cache), lo, lo + DATAGEN_SHARD_BASE)
         capture = GenerationCapture(model, layer_ids, DEFAULT_TOP_K)
     # Similar lengths in a batch waste less padding.
     todo.sort(key=lambda p: len(p[1]))
@@ -115,6 +120,8 @@ def generate(args: argparse.Namespace) -> None:
             fh.flush()
             bar.set_postfix(tok_s=f"{gen.sequences[:, width:].numel() / dt:.0f}")
             bar.update(len(batch))
+    if cache is not None:
+        capture.close()  # the model may be used on without the capture (tests, callers)
 
 
 class GenerationCapture:
