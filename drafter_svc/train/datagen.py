@@ -48,6 +48,15 @@ def load_prompts(files: list[Path], max_prompt_tokens: int, tokenizer) -> list[t
     return out
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (input_ids, attention_mask) [B, max len], padded on the left
+    as batched `generate()` needs (every row's next token lands in the last column)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
 def generate(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
@@ -93,9 +102,8 @@ def generate(args: argparse.Namespace) -> None:
     with answers.open("a") as fh:
         for b in range(0, len(todo), args.batch_size):
             batch = todo[b : b + args.batch_size]
-            width = max(len(ids) for _, ids in batch)
-            ids = torch.tensor([[pad] * (width - len(x)) + x for _, x in batch])
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for _, x in batch])
+            ids, mask = left_padded([x for _, x in batch], pad)
+            width = ids.shape[1]
             torch.manual_seed(args.seed + b)
             t0 = time.perf_counter()
             with torch.inference_mode():

@@ -66,14 +66,14 @@ def greedy_paths(target, prompts: Sequence[list[int]], *, max_new_tokens: int, s
     features along prompt + continuation (right-padded forward)."""
     from drafter_svc.train.cache import target_outputs
     from drafter_svc.train.data import Sequence as TrainSequence
+    from drafter_svc.train.datagen import left_padded
 
     stops = sorted(set(stop_ids))
     out: list[GreedyPath] = []
     for b in range(0, len(prompts), batch_size):
         batch = [list(p) for p in prompts[b : b + batch_size]]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids, mask = left_padded(batch, pad_id)
+        width = ids.shape[1]
         gen = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                               eos_token_id=stops, pad_token_id=pad_id)
         conts = []
