@@ -8,9 +8,9 @@ TORCH_SPEC := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0 --index-url https
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/dspark/v1/*.proto)
 
-.PHONY: setup up test protos clean
+.PHONY: setup up test protos kernels clean
 
-setup: $(STAMP) protos
+setup: $(STAMP) protos kernels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 
 protos: $(STAMP)
 	$(BIN)/python -m dspark_common.protogen
+
+# the small-batch CPU linear kernel, compiled once into ~/.cache/dspark (falls back to BLAS if it cannot be)
+kernels: $(STAMP)
+	$(BIN)/python -m dspark_common.small_batch_linear
 
 up: setup
 	$(BIN)/dspark up

@@ -60,8 +60,18 @@ def random_drafter(target: "PreTrainedModel", *, seed: int = 0, **kw) -> DSparkD
 
 
 def load_drafter(spec: str, target: "PreTrainedModel", *, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu") -> tuple[DSparkDrafter, str]:
-    """Resolve 'default' | 'random' | a checkpoint directory. Returns the model and a description."""
+                 device: str = "cpu", small_batch_kernel: bool = False) -> tuple[DSparkDrafter, str]:
+    """Resolve 'default' | 'random' | a checkpoint directory. Returns the model and a description.
+    `small_batch_kernel`: as in `load_target`."""
+    model, description = _load_drafter(spec, target, dtype, device)
+    if small_batch_kernel:
+        from dspark_common import small_batch_linear
+
+        small_batch_linear.install(model)
+    return model, description
+
+
+def _load_drafter(spec: str, target: "PreTrainedModel", dtype: torch.dtype, device: str) -> tuple[DSparkDrafter, str]:
     if spec == "default":
         if (DEFAULT_DRAFTER_DIR / "config.json").is_file():
             spec = str(DEFAULT_DRAFTER_DIR)

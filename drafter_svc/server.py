@@ -28,6 +28,7 @@ from drafter_svc.checkpoint import CONFIG_NAME, FROZEN_FLAG, load_checkpoint
 from drafter_svc.config import DSparkConfig
 from drafter_svc.draft_engine import DraftEngine
 from drafter_svc.dspark_model import DSparkDrafter
+from dspark_common import small_batch_linear
 from dspark_common.errors import DSparkError, FailedPrecondition, InvalidRequest, NotFound
 from dspark_common.registry import advertise_address, register_forever
 from dspark_common.grpc_server import GrpcServer, serve_until_signal
@@ -446,12 +447,16 @@ def load_model(settings: DrafterSettings) -> DSparkDrafter:
         if not config_path.is_file():
             raise FailedPrecondition(f"no DSpark checkpoint at {spec} (no {CONFIG_NAME})")
         if not json.loads(config_path.read_text()).get(FROZEN_FLAG):
-            return load_checkpoint(spec, dtype=dtype, device=settings.device)
+            model = load_checkpoint(spec, dtype=dtype, device=settings.device)
+            if settings.cpu_kernel:
+                small_batch_linear.install(model)
+            return model
     from drafter_svc.loading import load_drafter  # imports transformers: only when a target is needed
     from verifier_svc.target_loading import load_target
 
     target = load_target(settings.target, dtype=dtype, device=settings.device)
-    model, description = load_drafter(spec, target.model, dtype=dtype, device=settings.device)
+    model, description = load_drafter(spec, target.model, dtype=dtype, device=settings.device,
+                                      small_batch_kernel=settings.cpu_kernel)
     log.info("serving %s for target %s", description, target.name)
     return model
 

@@ -75,6 +75,8 @@ class ModelSettings(Settings):
     threads: int = Field(0, description="torch intra-op threads (0 = torch's default)")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model weights dtype")
+    cpu_kernel: bool = Field(True, description="few-row float32 CPU linears (decode steps, verify and draft blocks) "
+                             "through the batch-invariant small-batch kernel instead of BLAS (dspark_common/small_batch_linear.py)")
 
 
 class GenerateSettings(ModelSettings):

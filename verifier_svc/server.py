@@ -524,7 +524,8 @@ def run(args: argparse.Namespace) -> int:
     tracing.setup_tracing("verifier")
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    target = load_target(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
+    target = load_target(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device,
+                         small_batch_kernel=settings.cpu_kernel)
 
     async def main() -> None:
         server = VerifierServer(target.model, settings)

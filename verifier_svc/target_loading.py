@@ -101,8 +101,10 @@ def load_target(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     seed: int = 0,
+    small_batch_kernel: bool = False,
 ) -> LoadedTarget:
-    """Load a target model (eval mode, no grad) and its tokenizer."""
+    """Load a target model (eval mode, no grad) and its tokenizer. `small_batch_kernel` routes its
+    few-row CPU float32 linears through dspark_common.small_batch_linear (serving paths)."""
     t0 = time.perf_counter()
     if isinstance(spec, PretrainedConfig):
         torch.manual_seed(seed)
@@ -115,6 +117,10 @@ def load_target(
         name = "SmolLM2-135M-Instruct" if spec == DEFAULT_TARGET else str(spec).rstrip("/").split("/")[-1]
     model.to(device).eval()
     model.requires_grad_(False)
+    if small_batch_kernel:
+        from dspark_common import small_batch_linear
+
+        small_batch_linear.install(model)
     return LoadedTarget(model, tokenizer, name, time.perf_counter() - t0)
 
 

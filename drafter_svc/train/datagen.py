@@ -72,6 +72,7 @@ def generate(args: argparse.Namespace) -> None:
     prompts = load_prompts([Path(p) for p in args.prompts], args.max_prompt_tokens, tok)
     if args.limit:
         prompts = prompts[: args.limit]
+    prompts = prompts[args.skip:]  # a later slice: new prompts for continuing a trained drafter
     todo = [p for i, p in enumerate(prompts) if p[0] not in done and i % shards == shard]
     (out_dir / f"datagen_config{'' if shards == 1 else f'.{shard}'}.json").write_text(json.dumps({
         "model": args.model, "sampling": SAMPLINGS[args.sampling], "max_new_tokens": args.max_new_tokens,
@@ -208,6 +209,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--skip", type=int, default=0, help="leave out the first N prompts of the interleaved "
+                   "list (after --limit), e.g. those an earlier drafter was trained on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="", help="also write the target cache (features + top-k) from the "
