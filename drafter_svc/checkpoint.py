@@ -92,7 +92,7 @@ def load_checkpoint(
     checkpoints), otherwise from `target_embed` / `target_lm_head` ([V, d] each)."""
     directory = Path(directory)
     config = load_config(directory)
-    tensors = _read_weights(directory)
+    tensors = read_weights(directory)
 
     with torch.device("meta"):
         model = DSparkDrafter(config)
@@ -140,7 +140,7 @@ def load_checkpoint(
     return model.to(device).eval()
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     single = directory / WEIGHTS_NAME
     index = directory / WEIGHTS_INDEX_NAME
     if single.is_file():

@@ -189,6 +189,21 @@ def test_export_loads_through_the_deepspec_loader(target, cache_dir, tmp_path, d
         load_checkpoint(out)
 
 
+def test_init_from_an_export_continues_that_drafter(target, cache_dir, tmp_path):
+    Trainer(target, cache_dir, tmp_path / "run", options(steps=3), progress=False).fit()
+    out = export_run(tmp_path / "run", tmp_path / "export", dtype=torch.float32)
+    warm = Trainer(target, cache_dir, tmp_path / "warm", options(steps=3, init_from=str(out)), progress=False)
+    trained = load_run_model(tmp_path / "run", target)
+    for name, p in warm.model.named_parameters():
+        assert torch.equal(p, trained.state_dict()[name]), name
+    # the continuation starts from the export's loss, not a fresh drafter's
+    fresh = Trainer(target, cache_dir, tmp_path / "fresh", options(steps=3, seed=0), progress=False)
+    assert warm.train_step()["loss"] < fresh.train_step()["loss"]
+    with pytest.raises(Exception, match="markov_rank"):
+        Trainer(target, cache_dir, tmp_path / "other", options(steps=3, markov_rank=4, init_from=str(out)),
+                progress=False)
+
+
 # ------------------------------------------------------------------ calibration
 
 

@@ -57,11 +57,12 @@ class FitOptions:
     ckpt_every: int = 50
     device: str = "cpu"  # e.g. cuda: where the drafter trains (data is prepared on the CPU)
     mask_token_id: int | None = None
+    init_from: str = ""  # an exported drafter to continue from (fresh optimizer and lr schedule)
 
     # options that change what is trained; a resume must not change them. `steps` may grow: the
     # cosine then stretches over the new total (continuing a run on more data / more compute).
     MODEL_KEYS = ("batch_seqs", "num_anchors", "layers", "markov_rank", "markov_head_type", "block_size",
-                  "lr", "warmup_frac", "clip", "alpha_ce", "alpha_tv", "alpha_conf", "seed", "mask_token_id")
+                  "lr", "warmup_frac", "clip", "alpha_ce", "alpha_tv", "alpha_conf", "seed", "mask_token_id", "init_from")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,6 +97,34 @@ def build_model(config: DSparkConfig, target, seed: int) -> DSparkDrafter:
     model.init_from_target(target.get_input_embeddings().weight.detach().float(),
                            target.get_output_embeddings().weight.detach().float(), freeze=True)
     return model
+
+
+# what must agree between a run and the drafter it continues from
+WARM_START_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                   "vocab_size", "block_size", "target_layer_ids", "mask_token_id", "markov_rank", "markov_head_type",
+                   "enable_confidence_head")
+
+
+def warm_start(model: DSparkDrafter, directory: str | Path) -> None:
+    """Copy an exported drafter's trainable weights into a fresh run's model: continuing a trained
+    drafter on new data or more compute instead of starting over. The frozen embed/lm_head stay the
+    target's; the architecture must match exactly."""
+    from drafter_svc.checkpoint import load_config, read_weights
+
+    src = load_config(directory)
+    for key in WARM_START_KEYS:
+        mine, theirs = getattr(model.config, key, None), getattr(src, key, None)
+        if mine != theirs:
+            raise FailedPrecondition(f"cannot initialise from {directory}: its {key} is {theirs!r}, this run's {mine!r}")
+    tensors = read_weights(Path(directory))
+    params = dict(model.named_parameters())
+    trainable = sorted(n for n, p in params.items() if p.requires_grad)
+    missing = [n for n in trainable if n not in tensors or tuple(tensors[n].shape) != tuple(params[n].shape)]
+    if missing:
+        raise FailedPrecondition(f"cannot initialise from {directory}: missing or mis-shaped {missing}")
+    with torch.no_grad():
+        for n in trainable:
+            params[n].copy_(tensors[n].to(params[n].dtype))
 
 
 def trainable_state(model: DSparkDrafter) -> dict[str, torch.Tensor]:
@@ -164,6 +193,9 @@ class Trainer:
             self._truncate_log(self.step)
         else:
             (self.run_dir / LOG_FILE).unlink(missing_ok=True)
+            if self.opts.init_from:
+                warm_start(self.model, self.opts.init_from)
+                log.info("initialised %s from %s", self.run_dir, self.opts.init_from)
         opts_path.write_text(json.dumps(self.opts.to_dict(), indent=2))
         (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
 
