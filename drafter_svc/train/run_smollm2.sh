@@ -2,6 +2,8 @@
 # The recipe that produced models/dspark-smollm2-135m (docs/TRAINING.md), stage by stage.
 # Every stage is resumable/idempotent; run from the repository root:
 #   drafter_svc/train/run_smollm2.sh datagen | cache | fit | ablation | finish | eval-dspark | eval-rank0 | report
+# Continuing the committed drafter on prompts it has not seen (third session, docs/TRAINING.md):
+#   drafter_svc/train/run_smollm2.sh datagen-more | continue | finish-continued | eval-dspark | report
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -42,6 +44,23 @@ case "${1:-}" in
         --sampling greedy --shard $i/2 --out $R/data --cache $R/cache > $R/logs/datagen.$i.log 2>&1 &
     done
     wait ;;
+  datagen-more)  # prompts 1600..2554 of the same interleaved list (new to the drafter) + arena-hard again
+    for i in 0 1; do
+      $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
+        $TRAIN/arena-hard-v2-head500.jsonl --limit 2555 --skip 1600 --max-new-tokens 128 --batch-size 64 --threads 1 \
+        --sampling greedy --shard $i/2 --out $R/data --cache $R/cache > $R/logs/datagen.$i.log 2>&1 &
+    done
+    wait
+    $PY -m dspark_common.cli train datagen --prompts $TRAIN/arena-hard-v2-head500.jsonl --limit ${ARENA:-250} \
+      --max-new-tokens 128 --batch-size 64 --threads 1 --sampling greedy --out $R/data_arena --cache $R/cache \
+      > $R/logs/datagen.arena.log 2>&1 ;;
+  continue)  # warm start from the committed drafter (snapshotted: export overwrites it), lower peak lr
+    mkdir -p $R/init && cp -n models/dspark-smollm2-135m/* $R/init/
+    $PY -m dspark_common.cli train fit $FIT_ARGS --markov-rank 64 --init-from $R/init --lr 3e-4 --out $R/fit2 ;;
+  finish-continued)
+    $PY -m dspark_common.cli train calibrate --cache $R/cache --run $R/fit2 --plot docs/img/reliability.png
+    $PY -m dspark_common.cli train export --run $R/fit2 --out models/dspark-smollm2-135m
+    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit2/log.jsonl', 'docs/img/loss_curves_continued.png')" ;;
   cache)  # answers without a cache entry (e.g. written before --cache was used)
     $PY -m dspark_common.cli train cache --answers $R/data --out $R/cache --shard-size 32 --batch-size 8 --max-length 560 ;;
   fit)
@@ -61,5 +80,5 @@ case "${1:-}" in
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|cache|fit|finish|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    echo "usage: $0 datagen|datagen-more|cache|fit|continue|finish|finish-continued|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
 esac
