@@ -4,7 +4,8 @@ Two measurements, each BLAS (F.linear) against the kernel, medians of `--repeats
 1. all of the target's linear layers (weights streamed from memory, as in a decode step) applied
    to k rows, k = 1..16;
 2. the target forward T(k) of k new tokens on a 256-token cached context (what a decode step, k=1,
-   and a verify block, k = draft length + 1, cost), through TargetEngine.
+   and a verify block, k = draft length + 1, cost), through TargetEngine;
+3. the largest logit difference between 8 tokens verified as a block and one at a time.
 
     OMP_NUM_THREADS=1 python -m bench.kernel_profile --out docs/perf/kernel_profile.json --plot docs/img/kernel_profile.png
 """
@@ -42,6 +43,21 @@ def linear_times(model, rows: list[int], repeats: int) -> dict[str, dict[int, fl
                     ts.append(time.perf_counter() - t0)
                 out[name][k] = statistics.median(ts)
     return out
+
+
+def block_vs_one_by_one(model, context: int = 90, k: int = 8) -> float:
+    """Largest |logit| difference between k tokens verified as one block and one at a time."""
+    ids = list(range(2000, 2000 + context + k))
+    engine = TargetEngine(model)
+    engine.open("block")
+    engine.extend("block", ids[:context])
+    block = engine.extend("block", ids[context:]).logits
+    engine.open("single")
+    engine.extend("single", ids[:context])
+    single = torch.cat([engine.extend("single", [t]).logits for t in ids[context:]])
+    engine.release("block")
+    engine.release("single")
+    return float((block - single).abs().max())
 
 
 def plot(result: dict, path: str) -> None:
@@ -82,9 +98,11 @@ def main() -> None:
     lin = linear_times(target.model, rows, a.repeats)
     result["linear_ms"] = {n: {k: round(v * 1e3, 2) for k, v in t.items()} for n, t in lin.items()}
     result["forward_ms"] = {}
+    result["block_vs_one_by_one"] = {}
     for name in ("blas", "kernel"):
         if name == "kernel":
             sbl.install(target.model)
+        result["block_vs_one_by_one"][name] = block_vs_one_by_one(target.model)
         times = forward_times(TargetEngine(target.model), rows, prefix=256, repeats=a.repeats)
         result["forward_ms"][name] = {k: round(v * 1e3, 2) for k, v in times.items()}
     result["forward_ratio_to_k1"] = {n: {k: round(v / t[1], 3) for k, v in t.items()}
