@@ -325,7 +325,7 @@ def test_datagen_writes_the_same_cache_as_a_second_pass(tmp_path):
     prompts.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in
                                ["What is 2+2?", "Name a colour.", "Write a haiku about rain in Paris."]))
     args = argparse.Namespace(model="smollm2", prompts=[str(prompts)], out=str(tmp_path / "data"), max_new_tokens=20,
-                              max_prompt_tokens=384, batch_size=2, limit=0, seed=0, threads=1, sampling="greedy",
+                              max_prompt_tokens=384, batch_size=2, limit=0, skip=0, seed=0, threads=1, sampling="greedy",
                               shard="0/1", cache=str(tmp_path / "fused"), cache_max_length=560)
     datagen.generate(args)
     target = load_target("smollm2").model
