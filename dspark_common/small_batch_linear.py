@@ -28,9 +28,10 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "small_batch_linear.cpp"
-# Up to 16 rows: a verify block (draft length + 1) of up to 15 drafted tokens stays on the
-# batch-invariant path; above that BLAS is faster (the kernel re-streams weights per 8 rows).
-MAX_ROWS = 16
+# Up to 8 rows: a verify block of up to 7 drafted tokens (the default block) plus its anchor, or a
+# draft block. Above 8 the kernel streams the weights once per 8 rows and BLAS is faster
+# (bench/kernel_profile.py: 12 and 16 rows).
+MAX_ROWS = 8
 
 _lock = threading.Lock()
 _ext = None
