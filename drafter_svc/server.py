@@ -447,17 +447,19 @@ def load_model(settings: DrafterSettings) -> DSparkDrafter:
         if not config_path.is_file():
             raise FailedPrecondition(f"no DSpark checkpoint at {spec} (no {CONFIG_NAME})")
         if not json.loads(config_path.read_text()).get(FROZEN_FLAG):
-            model = load_checkpoint(spec, dtype=dtype, device=settings.device)
-            if settings.cpu_kernel:
-                small_batch_linear.install(model)
-            return model
+            return _with_kernel(load_checkpoint(spec, dtype=dtype, device=settings.device), settings)
     from drafter_svc.loading import load_drafter  # imports transformers: only when a target is needed
     from verifier_svc.target_loading import load_target
 
     target = load_target(settings.target, dtype=dtype, device=settings.device)
-    model, description = load_drafter(spec, target.model, dtype=dtype, device=settings.device,
-                                      small_batch_kernel=settings.cpu_kernel)
+    model, description = load_drafter(spec, target.model, dtype=dtype, device=settings.device)
     log.info("serving %s for target %s", description, target.name)
+    return _with_kernel(model, settings)
+
+
+def _with_kernel(model: DSparkDrafter, settings: DrafterSettings) -> DSparkDrafter:
+    if settings.cpu_kernel:
+        small_batch_linear.install(model)
     return model
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError
@@ -13,6 +14,11 @@ from pydantic import BaseModel, Field, ValidationError
 from dspark_common.errors import InvalidRequest
 
 ENV_PREFIX = "DSPARK_"
+
+
+def cache_root() -> Path:
+    """Where converted targets and the compiled CPU kernel are kept (`DSPARK_CACHE_DIR`)."""
+    return Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark"))
 
 
 class Settings(BaseModel):

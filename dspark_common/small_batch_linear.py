@@ -16,7 +16,6 @@ run by `make setup`) into the cache directory; without a compiler or on a CPU wi
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import types
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dspark_common.settings import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,7 @@ _failed: str | None = None
 
 
 def build_dir() -> Path:
-    root = Path(os.environ.get("DSPARK_CACHE_DIR") or Path.home() / ".cache" / "dspark")
-    return root / "extensions" / f"torch-{torch.__version__.replace('+', '_')}"
+    return cache_root() / "extensions" / f"torch-{torch.__version__.replace('+', '_')}"
 
 
 def _cpu_supported() -> bool:

@@ -50,7 +50,8 @@ def load_tokenizer(spec: str, model_name: str = "") -> TargetTokenizer:
     """The tokenizer of target `spec` ('smollm2', a directory, a .gguf file or a hub id)."""
     from transformers import AutoTokenizer
 
-    from verifier_svc.target_loading import DEFAULT_TARGET, cache_root, smollm2_gguf_path
+    from dspark_common.settings import cache_root
+    from verifier_svc.target_loading import DEFAULT_TARGET, smollm2_gguf_path
 
     name = model_name
     directory: Path | None = None

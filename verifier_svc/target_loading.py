@@ -10,7 +10,6 @@ import fcntl
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from dspark_common.errors import InvalidRequest
+from dspark_common.settings import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ class LoadedTarget:
     tokenizer: object | None  # a transformers tokenizer; None for in-memory test models
     name: str
     load_seconds: float
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark"))
 
 
 def smollm2_gguf_path() -> Path:
