@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from drafter_svc import draft_vocab
 from drafter_svc.config import DSparkConfig
 from drafter_svc.dspark_model import DSparkDrafter
 from dspark_common.errors import FailedPrecondition, InvalidRequest
@@ -137,7 +138,11 @@ def load_checkpoint(
     model.load_state_dict(state, strict=True, assign=True)
     # inv_freq is not in the file: rebuild it off the meta device before moving the model.
     model.rotary_emb.reset_inv_freq("cpu")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    ids = draft_vocab.load(directory, config.vocab_size)
+    if ids is not None:
+        model.draft_vocab = ids.to(device)
+    return model
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 
 from drafter_svc.confidence_head import calibrated_confidence
 from drafter_svc.config import DSparkConfig
+from drafter_svc.draft_vocab import DraftHeads
 from drafter_svc.dspark_model import DSparkDrafter
 from dspark_common.errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted
 from dspark_common.sampling import processed_probs, sample
@@ -41,7 +42,10 @@ class DraftEngine:
         max_context: int = 32768,
         proposal_top_k: int = 8,
         device: torch.device | str | None = None,
+        use_draft_vocab: bool = True,
     ) -> None:
+        """`use_draft_vocab`: propose from the model's draft vocabulary when it has one
+        (drafter_svc/draft_vocab.py); False drafts over the full vocabulary."""
         if config.to_dict() != model.config.to_dict():
             raise InvalidRequest("config does not match the model's config", "config")
         for name, value in (("max_sessions", max_sessions), ("max_context", max_context),
@@ -54,7 +58,8 @@ class DraftEngine:
         self._dtype = model.dtype
         self._max_sessions = max_sessions
         self._max_context = max_context
-        self._top_k = min(proposal_top_k, config.vocab_size)
+        self._heads = DraftHeads(self._model, self._model.draft_vocab if use_draft_vocab else None)
+        self._top_k = min(proposal_top_k, self._heads.size)
         self._sts = (
             torch.tensor(config.sts_temperatures, dtype=torch.float32, device=self._device)
             if config.sts_temperatures is not None
@@ -74,6 +79,11 @@ class DraftEngine:
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def vocab_size(self) -> int:
+        """How many tokens a proposal may draw from (the draft vocabulary's size, or V)."""
+        return self._heads.size
 
     # ------------------------------------------------------------------ sessions
 
@@ -260,15 +270,16 @@ class DraftEngine:
             torch.tensor([r.anchor_pos for r in requests], dtype=torch.long, device=device),
         )
         n_max = max(r.block_size for r in requests)
-        base = model.compute_logits(h[:, :n_max])
+        base = self._heads.logits(h[:, :n_max])
         return self._sequential_head(requests, h, base, anchors)
 
     def _sequential_head(
         self, requests: list[DraftRequest], h: torch.Tensor, base: torch.Tensor, anchors: torch.Tensor
     ) -> list[Proposal]:
         """Slots left to right: corrected logits from the previously chosen token (the anchor
-        for slot 0), then each request's own choice, batched across requests."""
-        model, device = self._model, self._device
+        for slot 0), then each request's own choice, batched across requests. Logits are indexed
+        by draft-vocabulary slot; `heads.token_ids` maps choices back to token ids."""
+        model, device, heads = self._model, self._device, self._heads
         b, n_max = base.shape[:2]
         greedy_rows = torch.tensor([i for i, r in enumerate(requests) if r.sampling.greedy], dtype=torch.long,
                                    device=device)
@@ -285,14 +296,14 @@ class DraftEngine:
         prev, state = anchors, None
         for k in range(n_max):
             hk = h[:, k]
-            bias, state = model.markov_step(prev, hk, state)
-            logits = base[:, k] if bias is None else base[:, k] + bias
+            z, state = model.markov_features(prev, hk, state)
+            logits = base[:, k] if z is None else base[:, k] + heads.markov_bias(z)
             conf_logits = model.confidence_logits(hk, prev)
             if conf_logits is not None:
                 confidences[:, k] = calibrated_confidence(conf_logits, None if self._sts is None else self._sts[k])
             x = torch.zeros(b, dtype=torch.long, device=device)
             if greedy_rows.numel():
-                x[greedy_rows] = logits[greedy_rows].argmax(-1)
+                x[greedy_rows] = heads.token_ids(logits[greedy_rows].argmax(-1))
             for rows in groups.values():
                 # A request whose block ended draws nothing more, so its generator advances
                 # exactly as if it had been proposed alone.
@@ -301,6 +312,7 @@ class DraftEngine:
                     continue
                 probs = processed_probs(logits[rows], requests[rows[0]].sampling)
                 top_p, top_i = probs.topk(self._top_k, dim=-1)
+                top_i = heads.token_ids(top_i)
                 top_p = top_p / top_p.sum(-1, keepdim=True)
                 top_p, top_i = top_p.cpu(), top_i.cpu()
                 chosen = []

@@ -65,6 +65,9 @@ class DSparkDrafter(nn.Module):
             if config.enable_confidence_head
             else None
         )
+        # Optional draft vocabulary (drafter_svc/draft_vocab.py): inference only, not a weight.
+        self.draft_vocab: torch.Tensor | None
+        self.register_buffer("draft_vocab", None, persistent=False)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ parameters
@@ -158,6 +161,14 @@ class DSparkDrafter(nn.Module):
         if self.markov_head is None:
             return None, None
         return self.markov_head.step(prev_tokens, h, state)
+
+    def markov_features(
+        self, prev_tokens: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`markov_step` stopped before W2: (z [..., r] or None without a head, next state)."""
+        if self.markov_head is None:
+            return None, None
+        return self.markov_head.step_features(prev_tokens, h, state)
 
     def confidence_logits(self, h: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor | None:
         """Confidence logits [...] fp32 from [h ; W1[x_prev]]; None without a confidence head."""

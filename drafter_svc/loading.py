@@ -60,10 +60,16 @@ def random_drafter(target: "PreTrainedModel", *, seed: int = 0, **kw) -> DSparkD
 
 
 def load_drafter(spec: str, target: "PreTrainedModel", *, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", small_batch_kernel: bool = False) -> tuple[DSparkDrafter, str]:
+                 device: str = "cpu", small_batch_kernel: bool = False,
+                 draft_vocab: bool = True) -> tuple[DSparkDrafter, str]:
     """Resolve 'default' | 'random' | a checkpoint directory. Returns the model and a description.
-    `small_batch_kernel`: as in `load_target`."""
+    `small_batch_kernel`: as in `load_target`. `draft_vocab=False` drops the checkpoint's draft
+    vocabulary (drafts over all V)."""
     model, description = _load_drafter(spec, target, dtype, device)
+    if not draft_vocab:
+        model.draft_vocab = None
+    elif model.draft_vocab is not None:
+        description += f" (draft vocabulary {model.draft_vocab.numel()} of {model.config.vocab_size})"
     if small_batch_kernel:
         from dspark_common import small_batch_linear
 

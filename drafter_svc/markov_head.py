@@ -4,7 +4,9 @@ draft.
 
 All variants own `markov_w1` (Embedding [V, r], the previous token's Markov embedding) and
 `markov_w2` (Linear r -> V, no bias). `step` is the inference recurrence (one slot, previous token
-sampled); `block_bias` is the teacher-forced training form over a whole block."""
+sampled); `block_bias` is the teacher-forced training form over a whole block. `step_features`
+stops before `markov_w2`, so inference can project onto a draft vocabulary (a subset of W2's rows)
+instead of all V."""
 
 from __future__ import annotations
 
@@ -34,11 +36,18 @@ class VanillaMarkovHead(nn.Module):
         """Recurrent state at the start of a block (None: memoryless head)."""
         return None
 
+    def step_features(
+        self, prev_tokens: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One slot up to W2: prev_tokens [...], h [..., d] -> (z [..., r], next state)."""
+        return self.prev_embedding(prev_tokens), state
+
     def step(
         self, prev_tokens: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One slot: prev_tokens [...], h [..., d] -> (bias [..., V], next state)."""
-        return self.markov_w2(self.prev_embedding(prev_tokens)), state
+        """One slot: prev_tokens [...], h [..., d] -> (bias W2(z) [..., V], next state)."""
+        z, state = self.step_features(prev_tokens, h, state)
+        return self.markov_w2(z), state
 
     def block_bias(self, prev_tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Teacher-forced bias for whole blocks: prev_tokens [..., B], h [..., B, d] -> [..., B, V]."""
@@ -54,12 +63,12 @@ class GatedMarkovHead(VanillaMarkovHead):
         super().__init__(vocab_size, rank, hidden_size)
         self.gate_proj = nn.Linear(hidden_size + rank, rank)
 
-    def step(
+    def step_features(
         self, prev_tokens: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         e = self.prev_embedding(prev_tokens)
         gate = torch.sigmoid(self.gate_proj(torch.cat([h, e.to(h.dtype)], dim=-1))).to(e.dtype)
-        return self.markov_w2(gate * e), state
+        return gate * e, state
 
 
 class RNNMarkovHead(VanillaMarkovHead):
@@ -76,7 +85,7 @@ class RNNMarkovHead(VanillaMarkovHead):
     def initial_state(self, batch_shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         return like.new_zeros(*batch_shape, self.rank)
 
-    def step(
+    def step_features(
         self, prev_tokens: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.prev_embedding(prev_tokens)
@@ -85,7 +94,7 @@ class RNNMarkovHead(VanillaMarkovHead):
         gate_raw, cand_raw, out_raw = self.joint_proj(torch.cat([state, e.to(h.dtype), h], dim=-1)).chunk(3, dim=-1)
         gate = torch.sigmoid(gate_raw)
         new_state = gate * state + (1.0 - gate) * torch.tanh(cand_raw)
-        return self.markov_w2(torch.tanh(out_raw)), new_state
+        return torch.tanh(out_raw), new_state
 
     def block_bias(self, prev_tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         state = self.initial_state(h.shape[:-2], h)

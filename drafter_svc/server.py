@@ -401,7 +401,8 @@ class DrafterServer:
         self.settings = settings
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter-worker")
         engine = DraftEngine(model, model.config, max_sessions=settings.max_sessions,
-                             max_context=settings.max_context, proposal_top_k=settings.proposal_top_k)
+                             max_context=settings.max_context, proposal_top_k=settings.proposal_top_k,
+                             use_draft_vocab=settings.draft_vocab)
         max_bytes = settings.max_message_mb << 20
         self.metrics = DrafterMetrics()
         self.metrics_server = MetricsServer(self.metrics.registry, settings.host, settings.metrics_port)

@@ -306,3 +306,65 @@ def test_concurrent_callers(data):
     for i in range(3):
         open_with(engine, f"ref{i}", feats, 6 + i)
         assert_same(results[f"t{i}"], engine.propose([req(f"ref{i}", ids, 6 + i)])[0])
+
+
+# ---------------------------------------------------------------------------- draft vocabulary
+
+SUBSET = torch.tensor(sorted(torch.randperm(V, generator=torch.Generator().manual_seed(5))[: V // 2].tolist()))
+
+
+def test_greedy_draft_vocab_is_the_masked_argmax(data):
+    """With a draft vocabulary, slot k proposes argmax over the subset of the same logits the full
+    head computes, mapped back to token ids."""
+    feats, ids = data
+    engine = make_engine(markov_head_type="gated")
+    engine._model.draft_vocab = SUBSET
+    engine = DraftEngine(engine._model, engine.config)
+    assert engine.vocab_size == V // 2
+    a = 9
+    open_with(engine, "s", feats, a)
+    (p,) = engine.propose([req("s", ids, a)])
+    assert set(p.tokens.tolist()) <= set(SUBSET.tolist())
+    seq = ids.clone()
+    seq[a + 1 : a + B] = p.tokens[: B - 1]
+    with torch.no_grad():
+        out = engine._model.forward_train(feats[None], seq[None], torch.tensor([[a]]), torch.tensor([[True]]))
+    assert torch.equal(SUBSET[out.logits[0, 0][:, SUBSET].argmax(-1)], p.tokens)
+    # Confidences do not depend on the vocabulary.
+    torch.testing.assert_close(p.confidences, torch.sigmoid(out.confidence_logits[0, 0]), atol=1e-6, rtol=1e-5)
+
+
+def test_sampled_draft_vocab_q_lives_on_the_subset(data):
+    feats, ids = data
+    engine = make_engine(markov_head_type="rnn")
+    model = engine._model
+    model.draft_vocab = SUBSET
+    engine = DraftEngine(model, engine.config, proposal_top_k=TOPK)
+    open_with(engine, "s", feats, 10)
+    params = SamplingParams(temperature=1.3)
+    (p,) = engine.propose([req("s", ids, 10, sampling=params, seed=7)])
+    assert set(p.q_ids.flatten().tolist()) <= set(SUBSET.tolist())
+    with torch.no_grad():
+        kv = model.context_kv(model.project_context(feats[:10]), torch.arange(10))
+        h, base = model.forward_block([kv], ids[10:11], torch.tensor([10]))
+        prev, state = ids[10:11], None
+        for k in range(B):
+            bias, state = model.markov_step(prev, h[:, k], state)
+            probs = processed_probs((base[0, k] + bias[0])[SUBSET], params)
+            top_p, top_i = probs.topk(TOPK)
+            assert torch.equal(SUBSET[top_i], p.q_ids[k])
+            torch.testing.assert_close(top_p / top_p.sum(), p.q_probs[k], atol=1e-6, rtol=1e-5)
+            prev = p.tokens[k : k + 1]
+
+
+def test_full_vocab_switch_ignores_the_models_draft_vocab(data):
+    feats, ids = data
+    plain = make_engine()
+    open_with(plain, "s", feats, 9)
+    model = plain._model
+    model.draft_vocab = SUBSET
+    full = DraftEngine(model, plain.config, proposal_top_k=TOPK, use_draft_vocab=False)
+    open_with(full, "s", feats, 9)
+    for params, seed in ((GREEDY, None), (SamplingParams(temperature=0.9), 3)):
+        assert_same(full.propose([req("s", ids, 9, sampling=params, seed=seed)])[0],
+                    plain.propose([req("s", ids, 9, sampling=params, seed=seed)])[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 import torch
 from scipy import stats
 
@@ -59,7 +60,10 @@ def min_power(probs: np.ndarray, n: int, shift: float = 0.02) -> float:
     return float(stats.ncx2.sf(stats.chi2.isf(ALPHA, df), df, lam))
 
 
-def test_speculative_sampling_matches_target_law():
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_speculative_sampling_matches_target_law(draft_vocab):
+    """With a draft vocabulary the drafter's q is 0 on tokens the target may still choose: the
+    residual distribution must give them exactly their missing mass."""
     torch.manual_seed(0)
     target = tiny_target("llama", vocab=VOCAB, hidden=32, layers=2)
     drafter = tiny_drafter(target, block_size=3, markov_rank=4)
@@ -67,6 +71,9 @@ def test_speculative_sampling_matches_target_law():
     want = exact_marginals(target, params)
     for w in want:
         assert min_power(w, N) > 0.9, "not enough samples to catch a 2-point bias"
+    if draft_vocab:  # leave out the first token's second most likely choice
+        second = int(np.argsort(want[0])[-2])
+        drafter.draft_vocab = torch.tensor([t for t in range(VOCAB) if t != second])
 
     engine = TargetEngine(target, feature_layer_ids=drafter.config.target_layer_ids, max_sessions=512)
     loop = DecodeLoop(engine, draft_engine(drafter, max_sessions=512))

@@ -45,7 +45,7 @@ def build_local_loop(settings: GenerateSettings, *, profile: bool = True) -> Loc
     dtype = getattr(torch, settings.dtype)
     target = load_target(settings.model, dtype=dtype, device=settings.device, small_batch_kernel=settings.cpu_kernel)
     drafter, drafter_name = load_drafter(settings.drafter, target.model, dtype=dtype, device=settings.device,
-                                         small_batch_kernel=settings.cpu_kernel)
+                                         small_batch_kernel=settings.cpu_kernel, draft_vocab=settings.draft_vocab)
     engine = TargetEngine(target.model, feature_layer_ids=drafter.config.target_layer_ids)
     proposer = draft_engine(drafter)
     sps = profile_sps(engine, max_tokens=drafter.config.block_size + 1) if profile else None

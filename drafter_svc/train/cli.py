@@ -5,6 +5,7 @@
     fit        train the drafter                           (drafter_svc.train.fit)
     calibrate  STS temperatures on held-out blocks         (drafter_svc.train.calibrate)
     export     DeepSpec-format checkpoint directory        (drafter_svc.train.export)
+    vocab      the checkpoint's draft vocabulary           (drafter_svc.train.vocab)
 
 Each step module exposes add_arguments(parser) and run(args) (datagen: generate(args))."""
 
@@ -21,6 +22,7 @@ STEPS: dict[str, tuple[str, str]] = {
     "fit": ("drafter_svc.train.fit", "train the DSpark drafter on the cache (resumable)"),
     "calibrate": ("drafter_svc.train.calibrate", "fit STS confidence temperatures on held-out data"),
     "export": ("drafter_svc.train.export", "write the DeepSpec-format checkpoint directory"),
+    "vocab": ("drafter_svc.train.vocab", "choose the checkpoint's draft vocabulary from the training answers"),
 }
 
 

@@ -222,7 +222,7 @@ def _run_replay(args: argparse.Namespace, settings) -> int:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     target = load_target(settings.model)
-    drafter, drafter_name = load_drafter(settings.drafter, target.model)
+    drafter, drafter_name = load_drafter(settings.drafter, target.model, draft_vocab=settings.draft_vocab)
     stops = stop_token_ids(target.model, target.tokenizer)
     results: dict[str, dict] = {}
     for dataset in args.dataset:

@@ -46,12 +46,18 @@ def greedy_drafts(model: DSparkDrafter, out: DSparkTrainOutput, anchor_tokens: t
     base = out.logits[0]
     if model.markov_head is not None:
         base = base - model.markov_head.block_bias(out.prev_tokens, out.hidden)[0]  # the base logits lm_head(h) of every block
+    outside = None
+    if model.draft_vocab is not None:  # propose from the draft vocabulary only, as the engine does
+        outside = torch.ones(base.shape[-1], dtype=torch.bool, device=base.device)
+        outside[model.draft_vocab] = False
     prev = anchor_tokens
     state = None
     drafts, confs = [], []
     for k in range(model.config.block_size):
         bias, state = model.markov_step(prev, h[:, k], state)
         logits_k = base[:, k] if bias is None else base[:, k] + bias
+        if outside is not None:
+            logits_k = logits_k.masked_fill(outside, float("-inf"))
         confs.append(model.confidence_logits(h[:, k], prev))
         prev = logits_k.argmax(-1)
         drafts.append(prev)
