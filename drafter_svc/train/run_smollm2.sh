@@ -4,6 +4,9 @@
 #   drafter_svc/train/run_smollm2.sh datagen | cache | fit | ablation | finish | eval-dspark | eval-rank0 | report
 # Continuing the committed drafter on prompts it has not seen (third session, docs/TRAINING.md):
 #   drafter_svc/train/run_smollm2.sh datagen-more | continue | finish-continued | eval-dspark | report
+# Fourth session: sampled answers (DeepSpec's sampling) for gsm8k + livecodebench, a second warm-start
+# continuation on them, and the draft vocabulary counted on all regenerated answers:
+#   drafter_svc/train/run_smollm2.sh datagen | datagen-sampled | continue-sampled | finish-sampled | vocab | eval-dspark
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -54,6 +57,21 @@ case "${1:-}" in
     $PY -m dspark_common.cli train datagen --prompts $TRAIN/arena-hard-v2-head500.jsonl --limit ${ARENA:-250} \
       --max-new-tokens 128 --batch-size 64 --threads 1 --sampling greedy --out $R/data_arena --cache $R/cache \
       > $R/logs/datagen.arena.log 2>&1 ;;
+  datagen-sampled)  # temperature 0.7 / top-p 0.8 / top-k 20 answers: new sequences for prompts already seen
+    $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
+      --limit 2055 --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 1 \
+      --out $R/data_s --cache $R/cache_s > $R/logs/datagen.s.log 2>&1 ;;
+  continue-sampled)
+    mkdir -p $R/init3 && cp -n models/dspark-smollm2-135m/* $R/init3/
+    $PY -m dspark_common.cli train fit ${FIT_ARGS/--cache $R\/cache/--cache $R/cache_s} --markov-rank 64 \
+      --init-from $R/init3 --lr 2e-4 --out $R/fit3 ;;
+  finish-sampled)
+    $PY -m dspark_common.cli train calibrate --cache $R/cache_s --run $R/fit3 --plot docs/img/reliability.png
+    $PY -m dspark_common.cli train export --run $R/fit3 --out models/dspark-smollm2-135m
+    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit3/log.jsonl', 'docs/img/loss_curves_sampled.png')" ;;
+  vocab)  # after export: the draft vocabulary from every regenerated answer
+    $PY -m dspark_common.cli train vocab --answers $R/data $R/data_s --checkpoint models/dspark-smollm2-135m \
+      --size ${VOCAB_SIZE:-8192} ;;
   continue)  # warm start from the committed drafter (snapshotted: export overwrites it), lower peak lr
     mkdir -p $R/init && cp -n models/dspark-smollm2-135m/* $R/init/
     $PY -m dspark_common.cli train fit $FIT_ARGS --markov-rank 64 --init-from $R/init --lr 3e-4 --out $R/fit2 ;;
@@ -80,5 +98,5 @@ case "${1:-}" in
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|datagen-more|cache|fit|continue|finish|finish-continued|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    echo "usage: $0 datagen|datagen-more|datagen-sampled|cache|fit|continue|continue-sampled|finish|finish-continued|finish-sampled|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
 esac
