@@ -178,3 +178,32 @@ def test_bad_input_is_typed_and_engine_stays_usable():
         loop.generate(GenerationRequest(ok, 4))
     engine.release("a"), engine.release("b")
     assert loop.generate(GenerationRequest(ok, 4)).token_ids == baseline(target, ok, 4)
+
+
+def test_learned_round_overhead_is_measured_then_frozen():
+    """round_overhead_s=None: the loop learns what a round costs besides the forward over its first
+    drafted rounds, then keeps that figure, so a seeded request schedules alike whenever it runs."""
+    target = tiny_target("llama")
+    drafter = tiny_drafter(target)
+    loop = DecodeLoop(engine_for(target, drafter), draft_engine(drafter), sps=FLAT_SPS, round_overhead_s=None)
+    assert loop.round_overhead_s == 0.0
+    first = loop.generate(GenerationRequest(prompts(1, seed=4)[0], 40, draft_length=3))
+    assert sum(1 for r in first.rounds if r.proposed) >= DecodeLoop.OVERHEAD_ROUNDS
+    learned = loop.round_overhead_s
+    assert learned > 0.0
+    loop.generate(GenerationRequest(prompts(1, seed=5)[0], 20, draft_length=3))
+    assert loop.round_overhead_s == learned
+    # A given figure is never replaced.
+    fixed = DecodeLoop(engine_for(target, drafter), draft_engine(drafter), sps=FLAT_SPS, round_overhead_s=0.25)
+    fixed.generate(GenerationRequest(prompts(1, seed=4)[0], 20, draft_length=3))
+    assert fixed.round_overhead_s == 0.25
+
+
+def test_profiled_sps_never_rises_with_more_tokens():
+    from verifier_svc.sps_profile import profile_sps
+
+    target = tiny_target("qwen3")
+    table = profile_sps(engine_for(target), max_tokens=8, prefix=16, repeats=3).to_dict()
+    values = [table[k] for k in sorted(table)]
+    assert sorted(table) == list(range(1, 9))
+    assert all(a >= b for a, b in zip(values, values[1:]))

@@ -138,6 +138,19 @@ def test_worked_example():
     assert schedule_prefix(confs, sps) == [1, 1]
 
 
+def test_round_overhead_lengthens_blocks_by_hand():
+    # One request, survivals 0.5, 0.25; forward 1, 1.25, 1.6 s at 1..3 tokens.
+    # Forward alone: 1/1 = 1 → 1.5/1.25 = 1.2 → 1.75/1.6 = 1.09 stop: one draft.
+    # With 1 s more per round: 1/2 = 0.5 → 1.5/2.25 = 0.667 → 1.75/2.6 = 0.673: both drafts.
+    confs = [torch.tensor([0.5, 0.5])]
+    sps = SpsTable({1: 1.0, 2: 0.8, 3: 1 / 1.6})
+    assert schedule_prefix(confs, sps) == [1]
+    assert schedule_prefix(confs, sps, round_overhead_s=1.0) == [2]
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            schedule_prefix(confs, sps, round_overhead_s=bad)
+
+
 def test_ties_go_to_the_earlier_request():
     confs = [torch.tensor([0.5]), torch.tensor([0.5]), torch.tensor([0.5])]
     # 3·1 = 3 → 3.5·0.9 = 3.15 → 4·0.7 = 2.8 stop: exactly one token is admitted, request 0's.

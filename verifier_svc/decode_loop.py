@@ -11,6 +11,7 @@ between two `verify` calls on its target worker thread."""
 
 from __future__ import annotations
 
+import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -96,11 +97,33 @@ class DecodeLoop:
         *,
         sps: SpsTable | None = None,
         track_context: bool = False,
+        round_overhead_s: float | None = 0.0,
     ) -> None:
+        """`round_overhead_s`: the cost of a round besides the target forward, for the "auto"
+        scheduler (see `schedule_prefix`). None learns it: the mean over the first
+        `OVERHEAD_ROUNDS` drafted rounds of this loop, then frozen, so that after warm-up a seeded
+        request schedules (and samples) the same whenever it runs."""
         self.target = target
         self.proposer = proposer
         self.sps = sps or SpsTable({1: 1.0})
         self.track_context = track_context
+        self._overhead_fixed = round_overhead_s is not None
+        self._overhead_s = round_overhead_s or 0.0
+        self._overhead_samples: list[float] = []
+
+    OVERHEAD_ROUNDS = 16
+
+    @property
+    def round_overhead_s(self) -> float:
+        return self._overhead_s
+
+    def _observe_overhead(self, seconds: float) -> None:
+        if self._overhead_fixed:
+            return
+        self._overhead_samples.append(seconds)
+        self._overhead_s = statistics.median(self._overhead_samples)
+        if len(self._overhead_samples) >= self.OVERHEAD_ROUNDS:
+            self._overhead_fixed = True
 
     # ---- session lifecycle ------------------------------------------------------------
     def start(self, request: GenerationRequest, session_id: str | None = None) -> DecodeSession:
@@ -221,7 +244,7 @@ class DecodeLoop:
         if proposal is None or len(proposal) == 0:
             return 0
         if s.draft_length == "auto":
-            return schedule_prefix([proposal.confidences], self.sps)[0]
+            return schedule_prefix([proposal.confidences], self.sps, round_overhead_s=self._overhead_s)[0]
         return len(proposal)
 
     def verify(
@@ -230,6 +253,7 @@ class DecodeLoop:
         """Verify the first `scheduled` draft tokens in one target forward, accept, roll back,
         and hand the drafter the features of what was accepted. `fallback` says why a round that
         wanted a draft runs without one (the drafter failed)."""
+        t0 = time.perf_counter()
         block = proposal.truncate(scheduled) if proposal is not None else None
         drafts = block.tokens.tolist() if block is not None else []
         fwd = self.target.extend(s.session_id, [s.anchor] + drafts)
@@ -262,6 +286,8 @@ class DecodeLoop:
             fallback=fallback,
         )
         s.stats.add(r, len(r.tokens))
+        if proposal is not None and len(proposal):
+            self._observe_overhead(draft_ms / 1e3 + (time.perf_counter() - t0) - fwd.seconds)
         return r
 
     def round(self, sessions: list[DecodeSession]) -> list[RoundStats]:

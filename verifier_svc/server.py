@@ -481,7 +481,9 @@ class VerifierServer:
             block = self.proposer.block_size if self.proposer is not None else 1
             sps = await asyncio.get_running_loop().run_in_executor(
                 self._executor, lambda: profile_sps(target, max_tokens=block + 1))
-        loop = DecodeLoop(target, self.proposer, sps=sps, track_context=True)
+        # A profiled table comes with a learned round overhead; a given one (tests) schedules by it alone.
+        loop = DecodeLoop(target, self.proposer, sps=sps, track_context=True,
+                          round_overhead_s=None if self._sps is None else 0.0)
         self.service = VerifierService(loop, self.proposer, self._executor, replica_id=self.replica_id,
                                        metrics=self.metrics, model_name=self.model_name,
                                        trace_round_spans=st.trace_round_spans)
