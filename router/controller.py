@@ -17,9 +17,11 @@ that turned speculation off (k = 0) observes nothing, so every `probe_every` rou
 token for one round (a probe) and lets that observation decide.
 
 T(b) is the time of one target forward over b tokens: 1 / SPS(b) from the verifier's profiled
-steps-per-second table when known (`--sps-table`, or VerifierStats once it carries one), else the
-linear model T(b) = 1 + verify_cost_per_token · (b - 1). Pure functions over plain numbers: no I/O,
-no clock."""
+steps-per-second table when known (`--sps-table`, or the table VerifierStats publishes), else the
+linear model T(b) = 1 + verify_cost_per_token · (b - 1). draft_cost is the configured constant
+until the verifier publishes the round overhead it measured (VerifierStats.round_overhead_s:
+drafting and messages, from its first drafted rounds); then that figure, relative to T(1).
+Pure functions over plain numbers: no I/O, no clock."""
 
 from __future__ import annotations
 
@@ -43,22 +45,27 @@ class ControllerConfig:
 
 
 class CostModel:
-    """Relative time of a target forward over b tokens, T(b) / T(1)."""
+    """Relative time of a target forward over b tokens, T(b) / T(1), and, when the verifier has
+    measured it, what a drafted round costs besides the forward (`round_overhead`, same unit),
+    which then replaces the configured `draft_cost`."""
 
-    def __init__(self, forward_time: Callable[[int], float]) -> None:
+    def __init__(self, forward_time: Callable[[int], float], round_overhead: float | None = None) -> None:
         self._t = forward_time
         self._t1 = forward_time(1)
+        self.round_overhead = round_overhead
 
     @classmethod
     def linear(cls, per_token: float) -> "CostModel":
         return cls(lambda b: 1.0 + per_token * (b - 1))
 
     @classmethod
-    def from_sps(cls, points: Mapping[int, float]) -> "CostModel":
+    def from_sps(cls, points: Mapping[int, float], round_overhead_s: float = 0.0) -> "CostModel":
+        """`round_overhead_s` in seconds (0: unknown); stored relative to one forward, T(1) = 1/SPS(1)."""
         from verifier_svc.scheduler import SpsTable
 
         table = SpsTable(points)
-        return cls(lambda b: 1.0 / table(b))
+        overhead = round_overhead_s * table(1) if round_overhead_s > 0 else None
+        return cls(lambda b: 1.0 / table(b), overhead)
 
     def __call__(self, tokens: int) -> float:
         return self._t(tokens) / self._t1
@@ -107,7 +114,10 @@ class DraftLengthController:
 
     def round_time(self, k: int) -> float:
         c = self.config
-        return self.cost(k + 1) + (c.draft_cost + c.draft_cost_per_token * k if k > 0 else 0.0)
+        if k == 0:
+            return self.cost(1)
+        fixed = self.cost.round_overhead if self.cost.round_overhead is not None else c.draft_cost
+        return self.cost(k + 1) + fixed + c.draft_cost_per_token * k
 
     def throughput(self, k: int) -> float:
         return expected_tokens(self.alpha, k) / self.round_time(k)

@@ -107,12 +107,13 @@ class GenerationService:
         self._background: set[asyncio.Task] = set()
 
     def cost_model(self, replica: Replica | None) -> CostModel:
-        """The verifier's T(b): --sps-table, else its Stats' SPS table when it publishes one, else linear."""
+        """The verifier's T(b): --sps-table, else its Stats' SPS table (with its measured round
+        overhead) when it publishes one, else linear."""
         if self._sps:
             return CostModel.from_sps(self._sps)
         st = replica.stats if replica is not None else None
-        if st is not None and "sps" in st.DESCRIPTOR.fields_by_name and len(st.sps):
-            return CostModel.from_sps({int(b): float(v) for b, v in dict(st.sps).items()})
+        if st is not None and len(st.sps):
+            return CostModel.from_sps({int(b): float(v) for b, v in dict(st.sps).items()}, st.round_overhead_s)
         return CostModel.linear(self.settings.verify_cost_per_token)
 
     def in_background(self, coro) -> None:

@@ -90,6 +90,21 @@ def test_sps_table_cost_model():
     assert parse_sps_table("1:100, 2:90") == {1: 100.0, 2: 90.0}
 
 
+def test_measured_round_overhead_replaces_the_configured_draft_cost():
+    # T(b)/T(1) = 1, 1.04, 1.13, 1.19, 1.41, 1.53 and α = 0.3 everywhere. With the configured draft
+    # cost (0.1 forward) one draft looks worth it: 1.3 / (1.04 + 0.1 + 0.01) = 1.13 > 1. A measured
+    # 8 ms round overhead on a 26 ms forward (0.31 forward) says it is not: 1.3 / 1.36 = 0.96 < 1.
+    t1 = 0.026
+    sps = {b: 1 / (t1 * r) for b, r in zip(range(1, 7), (1, 1.04, 1.13, 1.19, 1.41, 1.53))}
+    alpha = [0.3] * 5
+    configured = DraftLengthController(ControllerConfig(max_draft_length=5), CostModel.from_sps(sps), alpha)
+    measured = DraftLengthController(ControllerConfig(max_draft_length=5), CostModel.from_sps(sps, 0.008), alpha)
+    assert configured.cost.round_overhead is None and measured.cost.round_overhead == pytest.approx(0.008 / t1)
+    assert measured.round_time(3) == pytest.approx(1.19 + 0.008 / t1 + 0.01 * 3)
+    assert measured.round_time(0) == 1.0
+    assert configured.best() == 1 and measured.best() == 0
+
+
 def test_state_round_trips():
     ctl = controller()
     simulate(ctl, 0.9, 30)

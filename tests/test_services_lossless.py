@@ -70,6 +70,9 @@ async def test_greedy_identical_for_every_draft_length(stack):
     assert proposed > 1000 and 0.3 * proposed < accepted < proposed  # long prefixes and rejections
     stats = await stub.Stats(verifier_pb2.VerifierStatsRequest())
     assert stats.sessions == 0 and stats.kv_slots_in_use == 0 and stats.fallback_rounds == 0
+    # What a router prices draft lengths with: the SPS table (given here) and the round overhead
+    # (0 with a given table: only a profiled one learns it).
+    assert dict(stats.sps) and all(v > 0 for v in stats.sps.values()) and stats.round_overhead_s == 0.0
 
 
 async def test_health_and_info(stack):

@@ -372,6 +372,9 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
             max_sessions=target.max_sessions, kv_positions=positions, rounds=self._rounds,
             fallback_rounds=sum(self._fallbacks.values()), fallbacks_by_reason=dict(self._fallbacks),
             drafters=[verifier_pb2.DrafterLink(**link) for link in links],
+            # What a router needs to price draft lengths like this replica's own scheduler does.
+            sps={int(b): float(v) for b, v in self.loop.sps.to_dict().items()},
+            round_overhead_s=self.loop.round_overhead_s,
         )
 
 
