@@ -11,14 +11,13 @@ block, and the sequential head. The context features are random: the cost does n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from bench.report_json import emit
 from drafter_svc.draft_engine import DraftEngine
 from drafter_svc.loading import load_drafter
 from dspark_common.types import DraftRequest, SamplingParams
@@ -41,17 +40,18 @@ def profile(engine: DraftEngine, context: int, repeats: int) -> dict[str, dict[i
     engine.open("p")
     engine.append_context("p", torch.randn(context, cfg.context_feature_size, generator=g), 0)
     out: dict[str, dict[int, float]] = {"propose": {}}
+    anchor = 1  # any valid id: the cost does not depend on it
     for n in range(1, cfg.block_size + 1):
-        req = DraftRequest("p", 1000, context, n, SamplingParams(), None)
+        req = DraftRequest("p", anchor, context, n, SamplingParams(), None)
         out["propose"][n] = _median_ms(lambda: engine.propose([req]), repeats)
     # The parts, at the full block.
     model, heads = engine._model, engine._heads
     kv = engine._sessions["p"].kv[:, :, :, :context]
     args = ([kv[i, 0][None] for i in range(cfg.num_hidden_layers)], [kv[i, 1][None] for i in range(cfg.num_hidden_layers)],
-            torch.tensor([context]), torch.tensor([1000]), torch.tensor([context]))
+            torch.tensor([context]), torch.tensor([anchor]), torch.tensor([context]))
     with torch.inference_mode():
         h = model.block_hidden(*args)
-        z, _ = model.markov_features(torch.tensor([1000]), h[:, 0], None)
+        z, _ = model.markov_features(torch.tensor([anchor]), h[:, 0], None)
         out["parts_at_full_block"] = {
             "backbone": _median_ms(lambda: model.block_hidden(*args), repeats),
             "base_logits": _median_ms(lambda: heads.logits(h), repeats),
@@ -78,10 +78,7 @@ def main() -> None:
             continue
         engine = DraftEngine(drafter, drafter.config, use_draft_vocab=use)
         result[label] = {"vocab": engine.vocab_size, **profile(engine, a.context, a.repeats)}
-    print(json.dumps(result, indent=2))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Two measurements, each BLAS (F.linear) against the kernel, medians of `--repeats
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.report_json import emit
 from dspark_common import small_batch_linear as sbl
 from verifier_svc.sps_profile import forward_times
 from verifier_svc.target_engine import TargetEngine
@@ -107,10 +107,7 @@ def main() -> None:
         result["forward_ms"][name] = {k: round(v * 1e3, 2) for k, v in times.items()}
     result["forward_ratio_to_k1"] = {n: {k: round(v / t[1], 3) for k, v in t.items()}
                                      for n, t in result["forward_ms"].items()}
-    print(json.dumps(result, indent=2))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, a.out)
     if a.plot:
         plot(result, a.plot)
 

@@ -8,16 +8,15 @@ verify cost curve T(k)/T(1) for k new tokens on a cached prefix, and model load 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from bench.report_json import emit
 from verifier_svc.decode_loop import DecodeLoop, GenerationRequest
 from verifier_svc.sps_profile import forward_times
 from verifier_svc.target_engine import TargetEngine
@@ -55,10 +54,7 @@ def main() -> None:
         r = loop.generate(GenerationRequest(prompt, a.new_tokens, draft_length=0))
         rates.append(len(r.token_ids) / r.seconds)
     result["target_only_tokens_per_s_median"] = round(statistics.median(rates), 2)
-    print(json.dumps(result, indent=2))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -363,3 +363,20 @@ def test_bench_end_to_end_against_a_tiny_stack(tmp_path, capsys):
         else:
             assert m["identical_to_reference"] is None
     assert "| http | tiny | 0 | 1 | dl=0 |" in capsys.readouterr().out  # the table is printed
+
+
+def test_drafter_profile_times_every_block_size_and_its_parts():
+    import torch
+
+    from bench.drafter_profile import profile
+    from drafter_svc.draft_engine import DraftEngine
+    from tests.tiny_models import tiny_drafter, tiny_target
+
+    drafter = tiny_drafter(tiny_target("llama"), block_size=4)
+    drafter.draft_vocab = torch.arange(0, drafter.config.vocab_size, 2)
+    for use in (False, True):
+        engine = DraftEngine(drafter, drafter.config, use_draft_vocab=use)
+        out = profile(engine, context=12, repeats=2)
+        assert sorted(out["propose"]) == [1, 2, 3, 4] and all(v > 0 for v in out["propose"].values())
+        assert set(out["parts_at_full_block"]) == {"backbone", "base_logits", "markov_bias_per_slot"}
+        assert engine.stats()["sessions"] == 0  # the profile session is released

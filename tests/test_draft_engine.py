@@ -204,17 +204,22 @@ def test_sampled_proposal_is_an_exact_sparse_distribution(data):
     assert all(int(t) in p.q_ids[k].tolist() for k, t in enumerate(p.tokens))
     assert ((p.confidences >= 0) & (p.confidences <= 1)).all()
 
-    # Recompute q through the model with the sampled tokens fed back, as the head does.
-    model = engine._model
+    assert_q_recomputes(engine._model, feats, ids, 10, p, params)
+
+
+def assert_q_recomputes(model, feats, ids, a, p, params, vocab=None) -> None:
+    """Recompute q through the model with the sampled tokens fed back, as the head does (over the
+    draft vocabulary `vocab` when given)."""
+    vocab = torch.arange(V) if vocab is None else vocab
     with torch.no_grad():
-        kv = model.context_kv(model.project_context(feats[:10]), torch.arange(10))
-        h, base = model.forward_block([kv], ids[10:11], torch.tensor([10]))
-        prev, state = ids[10:11], None
+        kv = model.context_kv(model.project_context(feats[:a]), torch.arange(a))
+        h, base = model.forward_block([kv], ids[a : a + 1], torch.tensor([a]))
+        prev, state = ids[a : a + 1], None
         for k in range(B):
             bias, state = model.markov_step(prev, h[:, k], state)
-            probs = processed_probs(base[0, k] + bias[0], params)
+            probs = processed_probs((base[0, k] + bias[0])[vocab], params)
             top_p, top_i = probs.topk(TOPK)
-            assert torch.equal(top_i, p.q_ids[k])
+            assert torch.equal(vocab[top_i], p.q_ids[k])
             torch.testing.assert_close(top_p / top_p.sum(), p.q_probs[k], atol=1e-6, rtol=1e-5)
             prev = p.tokens[k : k + 1]
 
@@ -344,17 +349,7 @@ def test_sampled_draft_vocab_q_lives_on_the_subset(data):
     params = SamplingParams(temperature=1.3)
     (p,) = engine.propose([req("s", ids, 10, sampling=params, seed=7)])
     assert set(p.q_ids.flatten().tolist()) <= set(SUBSET.tolist())
-    with torch.no_grad():
-        kv = model.context_kv(model.project_context(feats[:10]), torch.arange(10))
-        h, base = model.forward_block([kv], ids[10:11], torch.tensor([10]))
-        prev, state = ids[10:11], None
-        for k in range(B):
-            bias, state = model.markov_step(prev, h[:, k], state)
-            probs = processed_probs((base[0, k] + bias[0])[SUBSET], params)
-            top_p, top_i = probs.topk(TOPK)
-            assert torch.equal(SUBSET[top_i], p.q_ids[k])
-            torch.testing.assert_close(top_p / top_p.sum(), p.q_probs[k], atol=1e-6, rtol=1e-5)
-            prev = p.tokens[k : k + 1]
+    assert_q_recomputes(model, feats, ids, 10, p, params, SUBSET)
 
 
 def test_full_vocab_switch_ignores_the_models_draft_vocab(data):
