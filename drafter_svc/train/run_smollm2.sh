@@ -6,7 +6,7 @@
 #   drafter_svc/train/run_smollm2.sh datagen-more | continue | finish-continued | eval-dspark | report
 # Fourth session: sampled answers (DeepSpec's sampling) for gsm8k + livecodebench, a second warm-start
 # continuation on them, and the draft vocabulary counted on all regenerated answers:
-#   drafter_svc/train/run_smollm2.sh datagen | datagen-sampled | continue-sampled | finish-sampled | vocab | eval-dspark
+#   drafter_svc/train/run_smollm2.sh datagen-300 | datagen-sampled | continue-sampled | finish-sampled | vocab | eval-dspark
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -57,6 +57,10 @@ case "${1:-}" in
     $PY -m dspark_common.cli train datagen --prompts $TRAIN/arena-hard-v2-head500.jsonl --limit ${ARENA:-250} \
       --max-new-tokens 128 --batch-size 64 --threads 1 --sampling greedy --out $R/data_arena --cache $R/cache \
       > $R/logs/datagen.arena.log 2>&1 ;;
+  datagen-300)  # the first 300 interleaved prompts, greedy, one process (fourth session: vocabulary counts)
+    $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
+      $TRAIN/arena-hard-v2-head500.jsonl --limit 300 --max-new-tokens 128 --batch-size 64 --threads 1 \
+      --sampling greedy --out $R/data --cache $R/cache > $R/logs/datagen.vocab.log 2>&1 ;;
   datagen-sampled)  # temperature 0.7 / top-p 0.8 / top-k 20 answers: new sequences for prompts already seen
     $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
       --limit 2055 --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 1 \
@@ -98,5 +102,5 @@ case "${1:-}" in
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|datagen-more|datagen-sampled|cache|fit|continue|continue-sampled|finish|finish-continued|finish-sampled|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|cache|fit|continue|continue-sampled|finish|finish-continued|finish-sampled|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
 esac
