@@ -99,9 +99,9 @@ class DraftHeads:
             self.lm_head = _rows(model.lm_head, self.ids)
             self.markov_w2 = None if w2 is None else _rows(w2, self.ids)
             # Same routing as the model's own linears: the small-batch kernel when it serves them.
-            if "forward" in model.lm_head.__dict__:
-                from dspark_common import small_batch_linear
+            from dspark_common import small_batch_linear
 
+            if small_batch_linear.installed(model.lm_head):
                 small_batch_linear.install(nn.ModuleList([m for m in (self.lm_head, self.markov_w2) if m is not None]))
 
     @property

@@ -14,6 +14,9 @@ from pydantic import BaseModel, Field, ValidationError
 from dspark_common.errors import InvalidRequest
 
 ENV_PREFIX = "DSPARK_"
+# The drafter setting both the drafter service and the in-process loop (`generate`, `eval`) have.
+DRAFT_VOCAB_HELP = ("propose from the drafter checkpoint's draft vocabulary when it has one "
+                    "(draft_vocab.safetensors; drafter_svc/draft_vocab.py); off = the full vocabulary")
 
 
 def cache_root() -> Path:
@@ -88,8 +91,7 @@ class ModelSettings(Settings):
 class GenerateSettings(ModelSettings):
     model: str = Field("smollm2", description="target: 'smollm2' (packaged), a directory, a .gguf file or a hub id")
     drafter: str = Field("default", description="DSpark checkpoint directory; 'default' = the committed drafter, 'random' = untrained")
-    draft_vocab: bool = Field(True, description="propose from the drafter checkpoint's draft vocabulary when it has one "
-                              "(draft_vocab.safetensors; drafter_svc/draft_vocab.py); off = the full vocabulary")
+    draft_vocab: bool = Field(True, description=DRAFT_VOCAB_HELP)
 
 
 class ServiceSettings(ModelSettings):
@@ -116,8 +118,7 @@ class DrafterSettings(ServiceSettings):
     max_sessions: int = Field(256, ge=1, description="draft sessions held at once")
     max_context: int = Field(32768, ge=1, description="context positions one draft session may hold")
     proposal_top_k: int = Field(8, ge=1, description="K of the sparse draft distribution sent per slot")
-    draft_vocab: bool = Field(True, description="propose from the checkpoint's draft vocabulary when it has one "
-                              "(draft_vocab.safetensors; drafter_svc/draft_vocab.py); off = the full vocabulary")
+    draft_vocab: bool = Field(True, description=DRAFT_VOCAB_HELP)
     batch_window_ms: float = Field(1.0, ge=0, description="how long a draft request waits for others to batch with")
     max_batch: int = Field(64, ge=1, description="most blocks drafted in one forward")
 

@@ -112,9 +112,14 @@ def install(model: nn.Module) -> int:
     return n
 
 
+def installed(module: nn.Module) -> bool:
+    """Whether `install` routed this linear through the kernel."""
+    return type(module) is nn.Linear and "forward" in module.__dict__
+
+
 def uninstall(model: nn.Module) -> None:
     for module in model.modules():
-        if type(module) is nn.Linear and "forward" in module.__dict__:
+        if installed(module):
             del module.forward
 
 

@@ -100,14 +100,14 @@ class DecodeLoop:
         round_overhead_s: float | None = 0.0,
     ) -> None:
         """`round_overhead_s`: the cost of a round besides the target forward, for the "auto"
-        scheduler (see `schedule_prefix`). None learns it: the mean over the first
+        scheduler (see `schedule_prefix`). None learns it: the median over the first
         `OVERHEAD_ROUNDS` drafted rounds of this loop, then frozen, so that after warm-up a seeded
         request schedules (and samples) the same whenever it runs."""
         self.target = target
         self.proposer = proposer
         self.sps = sps or SpsTable({1: 1.0})
         self.track_context = track_context
-        self._overhead_fixed = round_overhead_s is not None
+        self._learn_overhead = round_overhead_s is None
         self._overhead_s = round_overhead_s or 0.0
         self._overhead_samples: list[float] = []
 
@@ -118,12 +118,10 @@ class DecodeLoop:
         return self._overhead_s
 
     def _observe_overhead(self, seconds: float) -> None:
-        if self._overhead_fixed:
+        if not self._learn_overhead or len(self._overhead_samples) >= self.OVERHEAD_ROUNDS:
             return
         self._overhead_samples.append(seconds)
         self._overhead_s = statistics.median(self._overhead_samples)
-        if len(self._overhead_samples) >= self.OVERHEAD_ROUNDS:
-            self._overhead_fixed = True
 
     # ---- session lifecycle ------------------------------------------------------------
     def start(self, request: GenerationRequest, session_id: str | None = None) -> DecodeSession:

@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.held_out < 1:
         raise InvalidRequest(f"--held-out must be in [0, 1), got {args.held_out}", "held_out")
     every = round(1 / args.held_out) if args.held_out > 0 else 0
-    held = [a for i, a in enumerate(answers) if every and i % every == every - 1]
-    used = [a for i, a in enumerate(answers) if not (every and i % every == every - 1)]
+    held, used = [], []
+    for i, a in enumerate(answers):  # every k-th answer held out
+        (held if every and i % every == every - 1 else used).append(a)
     counts = draft_vocab.count_tokens(used, config.vocab_size)
     held_counts = draft_vocab.count_tokens(held, config.vocab_size) if held else counts
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
