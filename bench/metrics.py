@@ -92,7 +92,7 @@ def sum_speculative(specs: Iterable[dict]) -> dict:
     """Sum the `speculative` objects of several generations (the router's response field, or
     `SpeculativeStats.to_dict()`)."""
     tot = {"rounds": 0, "draft_tokens": 0, "accepted_draft_tokens": 0, "generated_tokens": 0,
-           "fallback_rounds": 0, "accepted_by_position": [], "proposed_by_position": []}
+           "fallback_rounds": 0, "lookup_rounds": 0, "accepted_by_position": [], "proposed_by_position": []}
     for s in specs:
         if not s:
             continue
@@ -101,6 +101,7 @@ def sum_speculative(specs: Iterable[dict]) -> dict:
         tot["accepted_draft_tokens"] += int(s.get("accepted_draft_tokens", 0))
         tot["generated_tokens"] += generated_in_rounds(s)
         tot["fallback_rounds"] += int(s.get("fallback_rounds", 0) or 0)
+        tot["lookup_rounds"] += int(s.get("lookup_rounds", 0) or 0)
         tot["accepted_by_position"] = add_vectors(tot["accepted_by_position"], s.get("accepted_by_position") or [])
         tot["proposed_by_position"] = add_vectors(tot["proposed_by_position"], s.get("proposed_by_position") or [])
     return tot
@@ -167,6 +168,7 @@ def run_figures(requests: Sequence[dict], wall_s: float) -> dict:
         "accepted_draft_tokens": spec["accepted_draft_tokens"],
         "generated_in_rounds": spec["generated_tokens"],
         "fallback_rounds": spec["fallback_rounds"],
+        "lookup_rounds": spec["lookup_rounds"],
         "tau": tau(spec["generated_tokens"], spec["rounds"]),
         "draft_acceptance_rate": ratio(spec["accepted_draft_tokens"], spec["draft_tokens"]),
         "accepted_by_position": spec["accepted_by_position"],

@@ -88,7 +88,28 @@ class ModelSettings(Settings):
                              "through the batch-invariant small-batch kernel instead of BLAS (dspark_common/small_batch_linear.py)")
 
 
-class GenerateSettings(ModelSettings):
+class LookupSettings(Settings):
+    """Drafts copied from the sequence itself (verifier_svc/ngram_lookup.py): whoever runs the
+    decode loop has them — the verifier service and the in-process `generate`/`bench`."""
+
+    ngram_lookup: bool = Field(True, description="when the last n tokens recurred earlier in the prompt or output, "
+                               "draft the tokens that followed them instead of asking the drafter")
+    lookup_min_ngram: int = Field(2, ge=1, le=16, description="shortest recurring suffix that counts as a match")
+    lookup_max_ngram: int = Field(3, ge=1, le=16, description="longest suffix tried (longest match wins)")
+
+    def lookup_config(self):
+        """The decode loop's LookupConfig, or None when lookup is off."""
+        from verifier_svc.ngram_lookup import LookupConfig
+
+        if not self.ngram_lookup:
+            return None
+        if self.lookup_min_ngram > self.lookup_max_ngram:
+            raise InvalidRequest(f"setting lookup_min_ngram: {self.lookup_min_ngram} exceeds lookup_max_ngram "
+                                 f"{self.lookup_max_ngram}", "lookup_min_ngram")
+        return LookupConfig(self.lookup_min_ngram, self.lookup_max_ngram)
+
+
+class GenerateSettings(ModelSettings, LookupSettings):
     model: str = Field("smollm2", description="target: 'smollm2' (packaged), a directory, a .gguf file or a hub id")
     drafter: str = Field("default", description="DSpark checkpoint directory; 'default' = the committed drafter, 'random' = untrained")
     draft_vocab: bool = Field(True, description=DRAFT_VOCAB_HELP)
@@ -123,7 +144,7 @@ class DrafterSettings(ServiceSettings):
     max_batch: int = Field(64, ge=1, description="most blocks drafted in one forward")
 
 
-class VerifierSettings(ServiceSettings):
+class VerifierSettings(ServiceSettings, LookupSettings):
     port: int = Field(50051, description="port to listen on (0 = any free port, printed at start)")
     model: str = Field("smollm2", description="target: 'smollm2' (packaged), a directory, a .gguf file or a hub id")
     drafter: list[str] = Field(

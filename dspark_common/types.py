@@ -78,12 +78,13 @@ class Proposal:
     q_ids: torch.Tensor  # [n, K] int64
     q_probs: torch.Tensor  # [n, K] float32, rows sum to 1
     confidences: torch.Tensor  # [n] float32 in [0, 1]
+    source: str = "drafter"  # "drafter" or "lookup" (verifier_svc/ngram_lookup.py)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
     def truncate(self, n: int) -> "Proposal":
-        return Proposal(self.tokens[:n], self.q_ids[:n], self.q_probs[:n], self.confidences[:n])
+        return Proposal(self.tokens[:n], self.q_ids[:n], self.q_probs[:n], self.confidences[:n], self.source)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class RoundStats:
     draft_ms: float = 0.0
     verify_ms: float = 0.0
     fallback: str = ""  # non-empty when the round ran target-only because the drafter failed
+    source: str = ""  # who drafted the block: "drafter", "lookup" (copied from the sequence), "" = nobody
 
 
 @dataclass
@@ -111,6 +113,7 @@ class SpeculativeStats:
     accepted_by_position: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT_LENGTH)
     proposed_by_position: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT_LENGTH)
     fallback_rounds: int = 0
+    lookup_rounds: int = 0
 
     def add(self, r: RoundStats, generated: int) -> None:
         self.rounds += 1
@@ -123,6 +126,8 @@ class SpeculativeStats:
             self.accepted_by_position[i] += 1
         if r.fallback:
             self.fallback_rounds += 1
+        if r.source == "lookup":
+            self.lookup_rounds += 1
 
     @property
     def mean_accepted_length(self) -> float:
@@ -138,4 +143,5 @@ class SpeculativeStats:
             "accepted_by_position": self.accepted_by_position[:n],
             "proposed_by_position": self.proposed_by_position[:n],
             "fallback_rounds": self.fallback_rounds,
+            "lookup_rounds": self.lookup_rounds,
         }

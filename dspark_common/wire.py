@@ -83,4 +83,5 @@ def stats_to_proto(s: SpeculativeStats) -> common_pb2.SpeculativeStats:
         accepted_by_position=d["accepted_by_position"],
         proposed_by_position=d["proposed_by_position"],
         fallback_rounds=s.fallback_rounds,
+        lookup_rounds=s.lookup_rounds,
     )

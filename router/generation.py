@@ -351,7 +351,7 @@ class _Run:
 
     def _count(self, r: verifier_pb2.Round, tokens: list[int]) -> None:
         rs = RoundStats(proposed=r.proposed, scheduled=r.scheduled, accepted=r.accepted, tokens=tokens,
-                        fallback=r.fallback)
+                        fallback=r.fallback, source=r.source)
         self.stats.add(rs, len(tokens))
         m = self.svc.metrics
         m.rounds.inc()

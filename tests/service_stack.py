@@ -64,8 +64,10 @@ async def start_drafter(drafter, **settings) -> DrafterServer:
 
 
 async def start_verifier(target, drafters: list[str], **settings) -> VerifierServer:
+    """Copies from the sequence are off unless asked (`ngram_lookup=True`): most service tests
+    script the drafter's proposals (oracles, faults) and need every round to go to it."""
     s = VerifierSettings.from_sources(None, env={}, **{"port": 0, "drafter": drafters, "profile_sps": False,
-                                                       "drafter_wait_s": 10.0, **settings})
+                                                       "drafter_wait_s": 10.0, "ngram_lookup": False, **settings})
     server = VerifierServer(target, s, sps=SPS)
     await server.start()
     return server

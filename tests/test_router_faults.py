@@ -37,7 +37,8 @@ async def processes(tmp_path):
                        "--batch-window-ms", "0")
     vs = [ServiceProcess("verifier", "--port", "0", "--model", str(model_dir), "--drafter", f"127.0.0.1:{port}",
                          "--threads", "1", "--no-profile-sps", "--reconnect-max-ms", "200",
-                         "--draft-deadline-ms", "500", "--drafter-wait-s", "120")
+                         "--draft-deadline-ms", "500", "--drafter-wait-s", "120",
+                         "--no-ngram-lookup")  # every round asks the drafter: its death must show
           for _ in range(2)]
     await asyncio.gather(*(p.start() for p in [d, *vs]))
     yield target, d, vs

@@ -19,6 +19,7 @@ from dspark_common.types import SamplingParams
 from drafter_svc.loading import draft_engine
 from tests.tiny_models import tiny_drafter, tiny_target
 from verifier_svc.decode_loop import DecodeLoop, GenerationRequest
+from verifier_svc.ngram_lookup import LookupConfig
 from verifier_svc.target_engine import TargetEngine
 
 VOCAB = 8
@@ -28,10 +29,10 @@ ALPHA = 1e-3  # per position; three positions tested
 
 
 @torch.inference_mode()
-def exact_marginals(model, params: SamplingParams) -> list[np.ndarray]:
+def exact_marginals(model, params: SamplingParams, prompt: list[int] = PROMPT) -> list[np.ndarray]:
     """P(token at step i = v) for i = 0, 1, 2 under target-only sampling."""
     def next_probs(prefixes):
-        ids = torch.tensor([PROMPT + list(p) for p in prefixes])
+        ids = torch.tensor([prompt + list(p) for p in prefixes])
         return processed_probs(model(ids).logits[:, -1], params).double().numpy()
 
     p1 = next_probs([()])[0]
@@ -87,5 +88,37 @@ def test_speculative_sampling_matches_target_law(draft_vocab):
             for i, t in enumerate(r.token_ids[:3]):
                 counts[i, t] += 1
     assert accepted > N // 4  # drafts were really accepted, not just corrected
+    for i in range(3):
+        assert chi2_pvalue(counts[i], want[i]) > ALPHA, (i, counts[i] / N, want[i])
+
+
+def test_copied_drafts_sampling_matches_target_law():
+    """Drafts copied from the sequence (n-gram lookup) are point masses q = δ(x): accepted with
+    probability p(x), else the residual p without x. Every token of the vocabulary occurs in the
+    prompt, so with 1-grams every round is a copy, with or without a drafter behind it. The prompt
+    ends with the target's own greedy continuation, so that copies are often likely tokens and
+    both the accept and the residual branch are exercised."""
+    torch.manual_seed(0)
+    target = tiny_target("llama", vocab=VOCAB, hidden=32, layers=2)
+    prompt = [3, 1, 4, 0, 5, 2, 6, 7, 1]
+    with torch.inference_mode():
+        for _ in range(12):
+            prompt.append(int(target(torch.tensor([prompt])).logits[0, -1].argmax()))
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=5)
+    want = exact_marginals(target, params, prompt)
+    engine = TargetEngine(target, feature_layer_ids=[0], max_sessions=512)
+    loop = DecodeLoop(engine, None, lookup=LookupConfig(min_n=1, max_n=2))
+    counts = np.zeros((3, VOCAB))
+    accepted = rounds = copies = 0
+    for start in range(0, N, 400):
+        reqs = [GenerationRequest(prompt, 3, SamplingParams(0.8, 0.9, 5, seed=start + i), draft_length=2)
+                for i in range(400)]
+        for r in loop.generate_many(reqs):
+            accepted += r.stats.accepted_draft_tokens
+            drafted = [rs for rs in r.rounds if rs.scheduled]  # the last token's round has no room to draft
+            rounds, copies = rounds + len(drafted), copies + sum(rs.source == "lookup" for rs in drafted)
+            for i, t in enumerate(r.token_ids[:3]):
+                counts[i, t] += 1
+    assert copies == rounds >= N and accepted > N // 4, accepted
     for i in range(3):
         assert chi2_pvalue(counts[i], want[i]) > ALPHA, (i, counts[i] / N, want[i])

@@ -214,3 +214,28 @@ async def test_remote_proposals_match_the_in_process_drafter():
 
 async def _ready(remote: RemoteProposer) -> bool:
     return remote.links[0].ready and remote.links[0].generation == 2
+
+
+async def test_copies_from_the_sequence_keep_the_drafter_in_step():
+    """With n-gram lookup on, rounds alternate between copies (no drafter call) and drafter blocks;
+    the drafter must receive every position it missed on the next call: output stays identical and
+    no round falls back."""
+    target, drafter = models()
+    d = await start_drafter(drafter)
+    v = await start_verifier(target, [d.address], ngram_lookup=True)
+    channel, stub = verifier_stub(v.address)
+    try:
+        ps = [[5, 6, 7, 8] * 3, [9, 3, 9, 3, 4, 9, 3], [11, 12, 13, 14, 15, 11, 12, 13]] + prompts(3, seed=4)
+        gens = [await decode(stub, open_msg(p, 40, dl)) for p in ps for dl in (4, "auto")]
+        sources = [r.source for g in gens for r in g.rounds if not r.prefill]
+        for i, g in enumerate(gens):
+            assert g.tokens == target_only(target, ps[i // 2], 40), ps[i // 2]
+            assert not any(r.fallback for r in g.rounds)
+            assert g.summary.stats.lookup_rounds == sum(r.source == "lookup" for r in g.rounds)
+        assert sources.count("lookup") > 0 and sources.count("drafter") > 0
+        # a copied round is marked as such and costs no drafter call
+        assert all(r.draft_ms == 0 for g in gens for r in g.rounds if r.source == "lookup")
+    finally:
+        await channel.close()
+        await v.stop()
+        await d.stop()

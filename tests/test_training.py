@@ -278,9 +278,12 @@ def test_eval_on_a_tiny_model(target, bad_at):
 
 
 @pytest.mark.parametrize("stop", [False, True])
-def test_greedy_replay_matches_the_decode_loop_round_for_round(target, stop):
-    """`dspark eval --replay` must count exactly the rounds DecodeLoop runs (same block, greedy)."""
+@pytest.mark.parametrize("lookup", [False, True])
+def test_greedy_replay_matches_the_decode_loop_round_for_round(target, stop, lookup):
+    """`dspark eval --replay` must count exactly the rounds DecodeLoop runs (same block, greedy),
+    with copies from the sequence (`--ngram-lookup`) as well."""
     from drafter_svc.loading import draft_engine
+    from verifier_svc.ngram_lookup import LookupConfig
     from drafter_svc.train.replay import greedy_paths, replay_path
     from tests.tiny_models import tiny_drafter
 
@@ -297,18 +300,20 @@ def test_greedy_replay_matches_the_decode_loop_round_for_round(target, stop):
         drafter.markov_head.markov_w1.weight.fill_(1.0)
         drafter.markov_head.markov_w2.weight.zero_()
         drafter.markov_head.markov_w2.weight[favourite] = 50.0
-    loop = DecodeLoop(engine, draft_engine(drafter))
+    cfg = LookupConfig(min_n=1, max_n=2) if lookup else None
+    loop = DecodeLoop(engine, draft_engine(drafter), lookup=cfg)
     paths = greedy_paths(target, prompts, max_new_tokens=30, stop_ids=stop_ids,
                          layer_ids=drafter.config.target_layer_ids, batch_size=2)
-    accepted = 0
+    accepted = copies = 0
     for prompt, path in zip(prompts, paths):
         real = loop.generate(GenerationRequest(prompt, 30, draft_length=5, stop_ids=stop_ids))
         assert path.tokens == real.token_ids and path.path_mismatches == 0
         want = [outcome_of_round(r, stop_ids) for r in real.rounds]
-        got = replay_path(drafter, path, block_size=5, max_new_tokens=30, stop_ids=stop_ids)
+        got = replay_path(drafter, path, block_size=5, max_new_tokens=30, stop_ids=stop_ids, lookup=cfg)
         assert got == want
         accepted += sum(o.accepted for o in got)
-    assert accepted > 0
+        copies += real.stats.lookup_rounds
+    assert accepted > 0 and (copies > 0) == lookup
 
 
 def test_datagen_writes_the_same_cache_as_a_second_pass(tmp_path):

@@ -4,6 +4,9 @@ update the drafter's context, for one or more sessions.
 Draft length 0 runs the same verify path with an empty block, so target-only decoding (the
 baseline and the fallback) and speculation share every line that decides a token.
 
+A round's block comes from the sequence itself when a suffix n-gram recurs (`lookup`,
+verifier_svc/ngram_lookup.py) and from the proposer otherwise; both are verified alike.
+
 `generate`/`generate_many` drive whole generations synchronously. The pieces they use — `start` /
 `resume`, `planned_length` / `draft_request`, `schedule`, `verify`, `release` — are public so the
 verifier service can drive each session from its own async task, drafting over the network
@@ -29,6 +32,7 @@ from dspark_common.types import (
     validate_draft_length,
 )
 from verifier_svc.acceptance import accept_block
+from verifier_svc.ngram_lookup import LookupConfig, NgramIndex
 from verifier_svc.proposer import Proposer
 from verifier_svc.scheduler import SpsTable, schedule_prefix
 from verifier_svc.target_engine import TargetEngine
@@ -68,7 +72,8 @@ class DecodeSession:
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
     draft_length: int | str = "auto"
     finish_reason: str | None = None
-    drafting: bool = True
+    drafting: bool = True  # the proposer holds this session's context
+    ngram: NgramIndex | None = None  # prompt + output, for drafts copied from the sequence
 
     @property
     def done(self) -> bool:
@@ -98,8 +103,10 @@ class DecodeLoop:
         sps: SpsTable | None = None,
         track_context: bool = False,
         round_overhead_s: float | None = 0.0,
+        lookup: LookupConfig | None = None,
     ) -> None:
-        """`round_overhead_s`: the cost of a round besides the target forward, for the "auto"
+        """`lookup`: draft from the sequence when a suffix n-gram recurs (None = never).
+        `round_overhead_s`: the cost of a round besides the target forward, for the "auto"
         scheduler (see `schedule_prefix`). None learns it: the median over the first
         `OVERHEAD_ROUNDS` drafted rounds of this loop, then frozen, so that after warm-up a seeded
         request schedules (and samples) the same whenever it runs."""
@@ -107,6 +114,7 @@ class DecodeLoop:
         self.proposer = proposer
         self.sps = sps or SpsTable({1: 1.0})
         self.track_context = track_context
+        self.lookup = lookup
         self._learn_overhead = round_overhead_s is None
         self._overhead_s = round_overhead_s or 0.0
         self._overhead_samples: list[float] = []
@@ -158,7 +166,8 @@ class DecodeLoop:
     def _new_session(self, request: GenerationRequest, session_id: str) -> DecodeSession:
         gen = request.sampling.make_generator()
         draft_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        return DecodeSession(session_id, request, gen, draft_gen, draft_length=request.draft_length)
+        ngram = NgramIndex(self.lookup, list(request.prompt_ids)) if self.lookup is not None else None
+        return DecodeSession(session_id, request, gen, draft_gen, draft_length=request.draft_length, ngram=ngram)
 
     def _prefill(self, s: DecodeSession, tokens: list[int], start: int) -> None:
         """Run `tokens` at positions [start, ...), sample the first token, feed the proposer."""
@@ -206,15 +215,34 @@ class DecodeLoop:
                 return
 
     # ---- one round --------------------------------------------------------------------
+    # A copy may be as long as the drafter's block; without a drafter, this long.
+    LOOKUP_BLOCK = 7
+
     def planned_length(self, s: DecodeSession) -> int:
-        """How many draft tokens to ask for: the session's draft length, capped by the drafter's
-        block, the tokens still wanted and the context window (the anchor needs a slot too)."""
+        """How many draft tokens to ask the proposer for: the session's draft length, capped by
+        the drafter's block, the tokens still wanted and the context window (the anchor needs a
+        slot too)."""
         if not s.drafting or self.proposer is None:
             return 0
-        want = self.proposer.block_size if s.draft_length == "auto" else int(s.draft_length)
+        return self._cap(s, self.proposer.block_size)
+
+    def _cap(self, s: DecodeSession, block: int) -> int:
+        want = block if s.draft_length == "auto" else int(s.draft_length)
         remaining = s.request.max_new_tokens - len(s.output) - 1
         room = self.target.max_context - s.anchor_pos - 1
-        return max(0, min(want, self.proposer.block_size, remaining, room))
+        return max(0, min(want, block, remaining, room))
+
+    def lookup_proposal(self, s: DecodeSession) -> Proposal | None:
+        """This round's block copied from the sequence, or None (no recurring suffix, lookup off,
+        or draft length 0). Works without a proposer too."""
+        if s.ngram is None:
+            return None
+        n = self._cap(s, self.proposer.block_size if self.proposer is not None else self.LOOKUP_BLOCK)
+        if n == 0:
+            return None
+        seen = len(s.ngram.tokens) - len(s.request.prompt_ids)
+        s.ngram.extend(s.output[seen:])
+        return s.ngram.proposal(n)
 
     def draft_request(self, s: DecodeSession) -> DraftRequest | None:
         """This round's draft request for the session, or None when it drafts nothing."""
@@ -227,12 +255,13 @@ class DecodeLoop:
         """One batched draft for every session that drafts this round."""
         t0 = time.perf_counter()
         reqs, owners = [], []
+        out: list[Proposal | None] = [None] * len(sessions)
         for i, s in enumerate(sessions):
-            r = self.draft_request(s)
+            out[i] = self.lookup_proposal(s)
+            r = self.draft_request(s) if out[i] is None else None
             if r is not None:
                 reqs.append(r)
                 owners.append(i)
-        out: list[Proposal | None] = [None] * len(sessions)
         if reqs:
             for i, p in zip(owners, self.proposer.propose(reqs)):
                 out[i] = p
@@ -282,9 +311,10 @@ class DecodeLoop:
             draft_ms=draft_ms,
             verify_ms=fwd.seconds * 1e3,
             fallback=fallback,
+            source=proposal.source if proposal is not None and len(proposal) else "",
         )
         s.stats.add(r, len(r.tokens))
-        if proposal is not None and len(proposal):
+        if r.source == "drafter":  # the overhead prices drafter rounds; a copy costs ~nothing
             self._observe_overhead(draft_ms / 1e3 + (time.perf_counter() - t0) - fwd.seconds)
         return r
 

@@ -49,6 +49,7 @@ def build_local_loop(settings: GenerateSettings, *, profile: bool = True) -> Loc
     engine = TargetEngine(target.model, feature_layer_ids=drafter.config.target_layer_ids)
     proposer = draft_engine(drafter)
     sps = profile_sps(engine, max_tokens=drafter.config.block_size + 1) if profile else None
-    loop = DecodeLoop(engine, proposer, sps=sps, round_overhead_s=None if profile else 0.0)
+    loop = DecodeLoop(engine, proposer, sps=sps, round_overhead_s=None if profile else 0.0,
+                      lookup=settings.lookup_config())
     return LocalStack(loop, target.tokenizer, frozenset(stop_token_ids(target.model, target.tokenizer)),
                       target.name, drafter_name)

@@ -67,7 +67,7 @@ def draft_length_from_proto(d: verifier_pb2.DraftLength) -> int | str:
 def round_to_proto(r: RoundStats, *, prefill: bool = False) -> verifier_pb2.Round:
     return verifier_pb2.Round(
         tokens=r.tokens, proposed=r.proposed, scheduled=r.scheduled, accepted=r.accepted, confidences=r.confidences,
-        draft_ms=r.draft_ms, verify_ms=r.verify_ms, fallback=r.fallback, prefill=prefill,
+        draft_ms=r.draft_ms, verify_ms=r.verify_ms, fallback=r.fallback, prefill=prefill, source=r.source,
     )
 
 
@@ -298,8 +298,9 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
             tr.round_spans -= 1
             span = _tracer.start_span("verifier.round", context=tracing.span_context(tr.span),
                                       attributes={"dspark.service": "verifier", "dspark.round": self._session_round(s)})
-        r = self.loop.draft_request(s)
-        outcome, draft_ms = DraftOutcome(None), 0.0
+        copied = self.loop.lookup_proposal(s)  # a copy from the sequence saves the drafter call
+        r = self.loop.draft_request(s) if copied is None else None
+        outcome, draft_ms = DraftOutcome(copied), 0.0
         if r is not None:
             t0 = time.perf_counter()
             carrier = tracing.inject(tracing.span_context(span)) if span is not None else None
@@ -481,12 +482,13 @@ class VerifierServer:
                               max_context=st.max_context or None)
         sps = self._sps
         if sps is None and st.profile_sps:
-            block = self.proposer.block_size if self.proposer is not None else 1
+            block = (self.proposer.block_size if self.proposer is not None
+                     else DecodeLoop.LOOKUP_BLOCK if st.ngram_lookup else 1)
             sps = await asyncio.get_running_loop().run_in_executor(
                 self._executor, lambda: profile_sps(target, max_tokens=block + 1))
         # A profiled table comes with a learned round overhead; a given one (tests) schedules by it alone.
         loop = DecodeLoop(target, self.proposer, sps=sps, track_context=True,
-                          round_overhead_s=None if self._sps is None else 0.0)
+                          round_overhead_s=None if self._sps is None else 0.0, lookup=st.lookup_config())
         self.service = VerifierService(loop, self.proposer, self._executor, replica_id=self.replica_id,
                                        metrics=self.metrics, model_name=self.model_name,
                                        trace_round_spans=st.trace_round_spans)

@@ -139,11 +139,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replay-cache", default="",
                    help="directory to keep the target's greedy paths + features in, reused across drafters")
     GenerateSettings.add_arguments(p)
+    # τ here is the drafter's own unless asked: copies from the sequence (--ngram-lookup) are the
+    # decode loop's, and mixing them in would hide what training bought.
+    p.set_defaults(ngram_lookup=False)
 
 
 def evaluate_replay(target, tokenizer, drafter, prompts: list[str], *, block_size: int, max_new_tokens: int,
-                    stop_ids, cache_file: Path | None = None, progress: bool = True) -> dict:
-    """Greedy τ by replaying the rounds on the target's greedy paths (see train/replay.py)."""
+                    stop_ids, cache_file: Path | None = None, progress: bool = True, lookup=None) -> dict:
+    """Greedy τ by replaying the rounds on the target's greedy paths (see train/replay.py);
+    `lookup` (a LookupConfig) replays the decode loop's copies from the sequence as well."""
     import torch
     from tqdm import tqdm
 
@@ -168,7 +172,7 @@ def evaluate_replay(target, tokenizer, drafter, prompts: list[str], *, block_siz
     outcomes: list[RoundOutcome] = []
     for path in tqdm(paths, desc="replay", unit="prompt", disable=not progress):
         outcomes.extend(replay_path(drafter, path, block_size=block_size, max_new_tokens=max_new_tokens,
-                                    stop_ids=stop_ids))
+                                    stop_ids=stop_ids, lookup=lookup))
     summary = summarize(outcomes, block_size)
     summary.update(prompts=len(prompts), generated_tokens=sum(len(p.tokens) for p in paths),
                    path_mismatches=sum(p.path_mismatches for p in paths), method="replay",
@@ -231,7 +235,7 @@ def _run_replay(args: argparse.Namespace, settings) -> int:
                  if args.replay_cache else None)
         res = evaluate_replay(target.model, target.tokenizer, drafter, prompts, block_size=args.block_size,
                               max_new_tokens=args.max_new_tokens, stop_ids=stops, cache_file=cache,
-                              progress=not args.json)
+                              progress=not args.json, lookup=settings.lookup_config())
         _report(args, results, dataset, drafter_name, res)
     if args.plot:
         plot_acceptance(results, args.plot, f"{drafter_name}, T=0 (replay)")

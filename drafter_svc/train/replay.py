@@ -109,7 +109,7 @@ def replay_rounds(drafts: list[list[int]], tokens: list[int], *, block_size: int
     while i < len(tokens):
         if tokens[i] in stops or i + 1 >= max_new_tokens:
             break
-        n = max(0, min(block_size, max_new_tokens - (i + 1) - 1))
+        n = max(0, min(block_size, max_new_tokens - (i + 1) - 1, len(drafts[i])))  # a copy may be shorter
         m = 0
         while m < n and i + 1 + m < len(tokens) and drafts[i][m] == tokens[i + 1 + m]:
             m += 1
@@ -126,8 +126,10 @@ def replay_rounds(drafts: list[list[int]], tokens: list[int], *, block_size: int
 
 @torch.inference_mode()
 def replay_path(model: DSparkDrafter, path: GreedyPath, *, block_size: int, max_new_tokens: int,
-                stop_ids: Iterable[int]):
-    """Rounds of one prompt: one drafter forward over every anchor of the continuation."""
+                stop_ids: Iterable[int], lookup=None):
+    """Rounds of one prompt: one drafter forward over every anchor of the continuation. With
+    `lookup` (a LookupConfig), an anchor whose suffix recurs drafts the copy instead, as the decode
+    loop does."""
     p = len(path.prompt_ids)
     ids = torch.tensor(path.prompt_ids + path.tokens, dtype=torch.long)
     n_anchor = len(path.tokens) - 1
@@ -139,5 +141,15 @@ def replay_path(model: DSparkDrafter, path: GreedyPath, *, block_size: int, max_
         raise ValueError(f"block size {block_size} exceeds the drafter's {model.config.block_size}")
     out = model.forward_train(path.features[None].to(model.dtype), ids[None], anchors[None], keep[None])
     drafts, _ = greedy_drafts(model, out, ids[anchors])
-    return replay_rounds(drafts.tolist(), path.tokens, block_size=block_size, max_new_tokens=max_new_tokens,
+    drafts = drafts.tolist()
+    if lookup is not None:
+        from verifier_svc.ngram_lookup import NgramIndex
+
+        index = NgramIndex(lookup, path.prompt_ids)
+        for i in range(n_anchor):  # the anchor tokens[i] ends the context of round i
+            index.extend([path.tokens[i]])
+            copy, _ = index.lookup(block_size)
+            if copy:
+                drafts[i] = copy
+    return replay_rounds(drafts, path.tokens, block_size=block_size, max_new_tokens=max_new_tokens,
                          stop_ids=stop_ids)
