@@ -207,3 +207,12 @@ def test_profiled_sps_never_rises_with_more_tokens():
     values = [table[k] for k in sorted(table)]
     assert sorted(table) == list(range(1, 9))
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_cost_curve_fit_pools_noise_instead_of_carrying_it_forward():
+    from verifier_svc.sps_profile import non_decreasing
+
+    assert non_decreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    # a slow outlier at k=3 is averaged with the dips after it, not copied to every later size
+    assert non_decreasing([48.0, 52.0, 65.0, 55.0, 57.0, 70.0]) == pytest.approx([48, 52, 59, 59, 59, 70])
+    assert non_decreasing([5.0, 4.0, 3.0]) == pytest.approx([4.0, 4.0, 4.0])

@@ -16,7 +16,11 @@ PROFILE_SESSION = "__sps_profile__"
 
 def forward_times(engine: TargetEngine, sizes: list[int], *, prefix: int = 64, repeats: int = 3,
                   seed: int = 0) -> dict[int, float]:
-    """Median seconds of one forward of k tokens on a `prefix`-token cached context, per k."""
+    """Median seconds of one forward of k tokens on a `prefix`-token cached context, per k.
+
+    The sizes are timed in turn within every repeat (rotated), not one size after another: on a
+    shared machine a slow spell then lands on every size alike instead of inflating one of them,
+    which the scheduler would read as a cliff in the cost curve."""
     g = torch.Generator().manual_seed(seed)
     prefix = max(1, min(prefix, engine.max_context - max(sizes) - 1))
     ids = torch.randint(0, engine.vocab_size, (prefix + max(sizes),), generator=g).tolist()
@@ -25,28 +29,35 @@ def forward_times(engine: TargetEngine, sizes: list[int], *, prefix: int = 64, r
         engine.extend(PROFILE_SESSION, ids[:prefix])
         engine.extend(PROFILE_SESSION, ids[prefix : prefix + 1])  # warm-up
         engine.rollback(PROFILE_SESSION, prefix)
-        out = {}
-        for k in sizes:
-            ts = []
-            for _ in range(repeats):
+        ts: dict[int, list[float]] = {k: [] for k in sizes}
+        for r in range(repeats):
+            for k in sizes[r % len(sizes):] + sizes[: r % len(sizes)]:
                 t0 = time.perf_counter()
                 engine.extend(PROFILE_SESSION, ids[prefix : prefix + k])
-                ts.append(time.perf_counter() - t0)
+                ts[k].append(time.perf_counter() - t0)
                 engine.rollback(PROFILE_SESSION, prefix)
-            out[k] = statistics.median(ts)
-        return out
+        return {k: statistics.median(v) for k, v in ts.items()}
     finally:
         engine.release(PROFILE_SESSION)
 
 
-def profile_sps(engine: TargetEngine, max_tokens: int = 8, *, prefix: int = 128, repeats: int = 7, **kw) -> SpsTable:
-    """The table the scheduler reads. Forward time never falls when tokens are added, so the
-    measured times are made non-decreasing (a running maximum): a noisy dip (k = 4 measured below
-    k = 3) would otherwise make the early-stopping rule end blocks at the step before it."""
+def non_decreasing(values: list[float]) -> list[float]:
+    """The least-squares non-decreasing fit (pool adjacent violators). A forward never gets
+    cheaper when tokens are added, so a measured dip is noise; pooling averages it with its
+    neighbours, where a running maximum would let one slow outlier raise every later size (and
+    the scheduler would then stop blocks before it)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(int(n))]
+
+
+def profile_sps(engine: TargetEngine, max_tokens: int = 8, *, prefix: int = 128, repeats: int = 9, **kw) -> SpsTable:
+    """The table the scheduler reads: 1 / forward time of k tokens, made non-increasing in k."""
     sizes = sorted({1, 2, 4, max_tokens} | set(range(1, max_tokens + 1)))
     times = forward_times(engine, sizes, prefix=prefix, repeats=repeats, **kw)
-    worst, table = 0.0, {}
-    for k in sizes:
-        worst = max(worst, times[k])
-        table[k] = 1.0 / worst
-    return SpsTable(table)
+    fitted = non_decreasing([times[k] for k in sizes])
+    return SpsTable({k: 1.0 / t for k, t in zip(sizes, fitted)})
