@@ -92,6 +92,33 @@ def test_greedy_identity_with_copies(kind, with_drafter):
                 assert "drafter" not in sources
             copies += got.stats.lookup_rounds
             accepted += sum(r.accepted for r in got.rounds if r.source == "lookup")
+            if dl != "auto":  # k sizes the drafter's blocks; copies are sized by the scheduler
+                assert all(r.scheduled <= dl for r in got.rounds if r.source == "drafter")
         # draft length 0 stays target-only: no copies either
         assert loop.generate(GenerationRequest(prompt, 10, draft_length=0)).stats.lookup_rounds == 0
     assert copies > 0 and accepted > 0
+
+
+def test_draft_length_sizes_the_drafter_not_copies():
+    """A session's draft length k caps the drafter's blocks; a copy is offered up to the full
+    block and cut by the scheduler (here: verification is nearly free, so it keeps all of it).
+    Draft length 0 means no speculation at all."""
+    from verifier_svc.decode_loop import DecodeSession
+
+    target = tiny_target("llama")
+    loop = DecodeLoop(TargetEngine(target, feature_layer_ids=[0]), None, sps=SpsTable({1: 100.0, 16: 95.0}),
+                      lookup=CFG)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1]
+
+    def session(dl):
+        s = DecodeSession("s", GenerationRequest(prompt, 40, draft_length=dl), torch.Generator(), torch.Generator(),
+                          draft_length=dl, ngram=NgramIndex(CFG, prompt))
+        s.output, s.anchor_pos = [2], len(prompt)
+        return s
+
+    for dl in (2, "auto"):
+        s = session(dl)
+        copy = loop.lookup_proposal(s)  # suffix (1, 2) recurs at the start: 3, 4, ... follow
+        assert copy.tokens.tolist() == [3, 4, 5, 6, 7, 8, 9][: DecodeLoop.LOOKUP_BLOCK]
+        assert loop.schedule(s, copy) == len(copy) > 2
+    assert loop.lookup_proposal(session(0)) is None

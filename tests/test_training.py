@@ -284,6 +284,7 @@ def test_greedy_replay_matches_the_decode_loop_round_for_round(target, stop, loo
     with copies from the sequence (`--ngram-lookup`) as well."""
     from drafter_svc.loading import draft_engine
     from verifier_svc.ngram_lookup import LookupConfig
+    from verifier_svc.scheduler import SpsTable
     from drafter_svc.train.replay import greedy_paths, replay_path
     from tests.tiny_models import tiny_drafter
 
@@ -301,7 +302,8 @@ def test_greedy_replay_matches_the_decode_loop_round_for_round(target, stop, loo
         drafter.markov_head.markov_w2.weight.zero_()
         drafter.markov_head.markov_w2.weight[favourite] = 50.0
     cfg = LookupConfig(min_n=1, max_n=2) if lookup else None
-    loop = DecodeLoop(engine, draft_engine(drafter), lookup=cfg)
+    # flat costs: the scheduler keeps whole copies, which is what the replay assumes
+    loop = DecodeLoop(engine, draft_engine(drafter), lookup=cfg, sps=SpsTable({1: 100.0, 16: 95.0}))
     paths = greedy_paths(target, prompts, max_new_tokens=30, stop_ids=stop_ids,
                          layer_ids=drafter.config.target_layer_ids, batch_size=2)
     accepted = copies = 0

@@ -226,18 +226,25 @@ class DecodeLoop:
             return 0
         return self._cap(s, self.proposer.block_size)
 
-    def _cap(self, s: DecodeSession, block: int) -> int:
-        want = block if s.draft_length == "auto" else int(s.draft_length)
+    def _cap(self, s: DecodeSession, block: int, *, session_length: bool = True) -> int:
+        want = block if s.draft_length == "auto" or not session_length else int(s.draft_length)
         remaining = s.request.max_new_tokens - len(s.output) - 1
         room = self.target.max_context - s.anchor_pos - 1
         return max(0, min(want, block, remaining, room))
 
     def lookup_proposal(self, s: DecodeSession) -> Proposal | None:
         """This round's block copied from the sequence, or None (no recurring suffix, lookup off,
-        or draft length 0). Works without a proposer too."""
-        if s.ngram is None:
+        or draft length 0). Works without a proposer too.
+
+        A session's draft length k > 0 sizes the drafter's blocks, not copies: a copy is offered
+        up to the full block and the scheduler cuts it by its own confidences and the SPS table.
+        Why: a copy that is right is right for many tokens in a row (conditional acceptance
+        0.7-0.9 past the first position), so capping it at a k chosen for the drafter's decaying
+        acceptance (the router's controller picks 2-4 here) threw most of a copy away."""
+        if s.ngram is None or s.draft_length == 0:
             return None
-        n = self._cap(s, self.proposer.block_size if self.proposer is not None else self.LOOKUP_BLOCK)
+        block = self.proposer.block_size if self.proposer is not None else self.LOOKUP_BLOCK
+        n = self._cap(s, block, session_length=False)
         if n == 0:
             return None
         seen = len(s.ngram.tokens) - len(s.request.prompt_ids)
@@ -270,7 +277,7 @@ class DecodeLoop:
     def schedule(self, s: DecodeSession, proposal: Proposal | None) -> int:
         if proposal is None or len(proposal) == 0:
             return 0
-        if s.draft_length == "auto":
+        if s.draft_length == "auto" or proposal.source == "lookup":
             return schedule_prefix([proposal.confidences], self.sps, round_overhead_s=self._overhead_s)[0]
         return len(proposal)
 

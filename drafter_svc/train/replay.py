@@ -98,9 +98,10 @@ def greedy_paths(target, prompts: Sequence[list[int]], *, max_new_tokens: int, s
 
 
 def replay_rounds(drafts: list[list[int]], tokens: list[int], *, block_size: int, max_new_tokens: int,
-                  stop_ids: Iterable[int]):
+                  stop_ids: Iterable[int], blocks: list[int] | None = None):
     """Walk DecodeLoop's fixed-block greedy rounds over a path. drafts[i] is the block drafted with
-    tokens[i] as anchor. Returns evaluate.RoundOutcome per round."""
+    tokens[i] as anchor, verified up to blocks[i] (default: block_size) tokens. Returns
+    evaluate.RoundOutcome per round."""
     from drafter_svc.train.evaluate import RoundOutcome
 
     stops = set(stop_ids)
@@ -109,7 +110,8 @@ def replay_rounds(drafts: list[list[int]], tokens: list[int], *, block_size: int
     while i < len(tokens):
         if tokens[i] in stops or i + 1 >= max_new_tokens:
             break
-        n = max(0, min(block_size, max_new_tokens - (i + 1) - 1, len(drafts[i])))  # a copy may be shorter
+        block = blocks[i] if blocks is not None else block_size
+        n = max(0, min(block, max_new_tokens - (i + 1) - 1, len(drafts[i])))  # a copy may be shorter
         m = 0
         while m < n and i + 1 + m < len(tokens) and drafts[i][m] == tokens[i + 1 + m]:
             m += 1
@@ -129,7 +131,9 @@ def replay_path(model: DSparkDrafter, path: GreedyPath, *, block_size: int, max_
                 stop_ids: Iterable[int], lookup=None):
     """Rounds of one prompt: one drafter forward over every anchor of the continuation. With
     `lookup` (a LookupConfig), an anchor whose suffix recurs drafts the copy instead, as the decode
-    loop does."""
+    loop does: up to the drafter's full block whatever `block_size` (the loop sizes copies by its
+    scheduler, not by the draft length), kept whole — exact when the scheduler keeps whole copies,
+    i.e. when verifying the block costs about what one token does."""
     p = len(path.prompt_ids)
     ids = torch.tensor(path.prompt_ids + path.tokens, dtype=torch.long)
     n_anchor = len(path.tokens) - 1
@@ -142,14 +146,15 @@ def replay_path(model: DSparkDrafter, path: GreedyPath, *, block_size: int, max_
     out = model.forward_train(path.features[None].to(model.dtype), ids[None], anchors[None], keep[None])
     drafts, _ = greedy_drafts(model, out, ids[anchors])
     drafts = drafts.tolist()
+    blocks = [block_size] * n_anchor
     if lookup is not None:
         from verifier_svc.ngram_lookup import NgramIndex
 
         index = NgramIndex(lookup, path.prompt_ids)
         for i in range(n_anchor):  # the anchor tokens[i] ends the context of round i
             index.extend([path.tokens[i]])
-            copy, _ = index.lookup(block_size)
+            copy, _ = index.lookup(model.config.block_size)
             if copy:
-                drafts[i] = copy
-    return replay_rounds(drafts, path.tokens, block_size=block_size, max_new_tokens=max_new_tokens,
+                drafts[i], blocks[i] = copy, model.config.block_size
+    return replay_rounds(drafts, path.tokens, block_size=block_size, blocks=blocks, max_new_tokens=max_new_tokens,
                          stop_ids=stop_ids)
