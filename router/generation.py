@@ -290,7 +290,9 @@ class _Run:
                         await svc.store.append_tokens(self.sid, tokens)
                         if not r.prefill:
                             self._count(r, tokens)
-                            if ctl is not None and not r.fallback:
+                            # The controller sizes the drafter's blocks: a copied round (n-gram
+                            # lookup) is not sized by k, and its length says nothing of the block.
+                            if ctl is not None and not r.fallback and r.source != "lookup":
                                 if settle == 0:
                                     ctl.note_block(int(k), r.proposed, p.max_tokens - before - 1)
                                 settle = max(0, settle - 1)

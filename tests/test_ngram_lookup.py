@@ -121,4 +121,7 @@ def test_draft_length_sizes_the_drafter_not_copies():
         copy = loop.lookup_proposal(s)  # suffix (1, 2) recurs at the start: 3, 4, ... follow
         assert copy.tokens.tolist() == [3, 4, 5, 6, 7, 8, 9][: DecodeLoop.LOOKUP_BLOCK]
         assert loop.schedule(s, copy) == len(copy) > 2
-    assert loop.lookup_proposal(session(0)) is None
+    assert loop.lookup_proposal(session(0)) is None  # opened target-only: no speculation at all
+    later_off = session(3)
+    later_off.draft_length = 0  # the router's controller turned the drafter off mid-generation
+    assert loop.draft_request(later_off) is None and loop.lookup_proposal(later_off) is not None

@@ -147,3 +147,33 @@ async def test_router_adapts_draft_length_per_session(monkeypatch):
         await core.stop()
         await v.stop()
         await d.stop()
+
+
+async def test_copied_rounds_do_not_steer_the_controller(monkeypatch):
+    """With n-gram lookup on, copied rounds come back shorter (a copy ends where the sequence does)
+    or longer than the session's k: neither may be read as the drafter's block size or its
+    acceptance. A drafter that is always right must still be raised toward its full block."""
+    target, drafter = models()
+    monkeypatch.setattr("drafter_svc.server.DrafterService", OracleDrafterService)
+    tok = router_tokenizer()
+    text = "the good session"
+    ids = tok.encode(text)
+    monkeypatch.setattr(OracleDrafterService, "plans", {"good-2": ("good", ids + target_only(target, ids, 128))})
+    d = await start_drafter(drafter)
+    v = await start_verifier(target, [d.address], ngram_lookup=True)
+    core = await start_router(tok, [v.address])
+    client = AsyncOpenAI(base_url=core.url + "/v1", api_key="none")
+    try:
+        r = await client.completions.create(model=MODEL_NAME, prompt=text, max_tokens=128, temperature=0,
+                                            extra_body={"session_id": "good-2"})
+        assert r.choices[0].text == tok.decode(target_only(target, ids, 128))
+        spec = r.model_extra["speculative"]
+        assert spec["lookup_rounds"] > 0  # copies were in play
+        # ... and the controller kept climbing from the drafter's rounds alone (4 here, all right):
+        # read as block sizes, the copies (4 tokens long in this loop) would have capped it at 4
+        assert spec["draft_length"] >= 6
+    finally:
+        await client.close()
+        await core.stop()
+        await v.stop()
+        await d.stop()

@@ -236,12 +236,15 @@ class DecodeLoop:
         """This round's block copied from the sequence, or None (no recurring suffix, lookup off,
         or draft length 0). Works without a proposer too.
 
-        A session's draft length k > 0 sizes the drafter's blocks, not copies: a copy is offered
-        up to the full block and the scheduler cuts it by its own confidences and the SPS table.
+        A session's draft length k sizes the drafter's blocks, not copies: a copy is offered up
+        to the full block and the scheduler cuts it by its own confidences and the SPS table.
+        Only a request opened with draft length 0 (target-only decoding, the baseline) never
+        copies; a later change to 0 (the router's controller when the drafter does not pay) stops
+        the drafter calls and keeps the copies, which cost nothing to propose.
         Why: a copy that is right is right for many tokens in a row (conditional acceptance
         0.7-0.9 past the first position), so capping it at a k chosen for the drafter's decaying
         acceptance (the router's controller picks 2-4 here) threw most of a copy away."""
-        if s.ngram is None or s.draft_length == 0:
+        if s.ngram is None or s.draft_length == 0 and s.request.draft_length == 0:
             return None
         block = self.proposer.block_size if self.proposer is not None else self.LOOKUP_BLOCK
         n = self._cap(s, block, session_length=False)
