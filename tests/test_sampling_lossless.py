@@ -20,6 +20,7 @@ from drafter_svc.loading import draft_engine
 from tests.tiny_models import tiny_drafter, tiny_target
 from verifier_svc.decode_loop import DecodeLoop, GenerationRequest
 from verifier_svc.ngram_lookup import LookupConfig
+from verifier_svc.scheduler import SpsTable
 from verifier_svc.target_engine import TargetEngine
 
 VOCAB = 8
@@ -107,7 +108,9 @@ def test_copied_drafts_sampling_matches_target_law():
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=5)
     want = exact_marginals(target, params, prompt)
     engine = TargetEngine(target, feature_layer_ids=[0], max_sessions=512)
-    loop = DecodeLoop(engine, None, lookup=LookupConfig(min_n=1, max_n=2))
+    # Copies are sized by the scheduler; with a flat cost table it keeps them whole (their fixed
+    # confidences do not depend on the sampled tokens, so the cut could not bias anyway).
+    loop = DecodeLoop(engine, None, lookup=LookupConfig(min_n=1, max_n=2), sps=SpsTable({1: 100.0, 16: 95.0}))
     counts = np.zeros((3, VOCAB))
     accepted = rounds = copies = 0
     for start in range(0, N, 400):

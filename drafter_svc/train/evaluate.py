@@ -188,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_replay(args, settings)
     from verifier_svc.local_stack import build_local_loop
 
-    stack = build_local_loop(settings, profile=False)
+    # Fixed blocks need no cost table, but copies are sized by the scheduler, which reads one.
+    stack = build_local_loop(settings, profile=settings.ngram_lookup)
     results: dict[str, dict] = {}
     for dataset in args.dataset:  # one target/drafter load for every file
         prompts = load_prompts(dataset, args.limit)
