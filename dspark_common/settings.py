@@ -103,10 +103,10 @@ class LookupSettings(Settings):
 
         if not self.ngram_lookup:
             return None
-        if self.lookup_min_ngram > self.lookup_max_ngram:
-            raise InvalidRequest(f"setting lookup_min_ngram: {self.lookup_min_ngram} exceeds lookup_max_ngram "
-                                 f"{self.lookup_max_ngram}", "lookup_min_ngram")
-        return LookupConfig(self.lookup_min_ngram, self.lookup_max_ngram)
+        try:
+            return LookupConfig(self.lookup_min_ngram, self.lookup_max_ngram)
+        except ValueError as e:  # the one check is LookupConfig's; here it names the setting
+            raise InvalidRequest(f"setting lookup_min_ngram: {e}", "lookup_min_ngram") from None
 
 
 class GenerateSettings(ModelSettings, LookupSettings):

@@ -224,13 +224,14 @@ class DecodeLoop:
         slot too)."""
         if not s.drafting or self.proposer is None:
             return 0
-        return self._cap(s, self.proposer.block_size)
+        block = self.proposer.block_size
+        return self._room(s, block if s.draft_length == "auto" else min(int(s.draft_length), block))
 
-    def _cap(self, s: DecodeSession, block: int, *, session_length: bool = True) -> int:
-        want = block if s.draft_length == "auto" or not session_length else int(s.draft_length)
+    def _room(self, s: DecodeSession, want: int) -> int:
+        """`want` draft tokens capped by the tokens still wanted and the context window."""
         remaining = s.request.max_new_tokens - len(s.output) - 1
         room = self.target.max_context - s.anchor_pos - 1
-        return max(0, min(want, block, remaining, room))
+        return max(0, min(want, remaining, room))
 
     def lookup_proposal(self, s: DecodeSession) -> Proposal | None:
         """This round's block copied from the sequence, or None (no recurring suffix, lookup off,
@@ -246,8 +247,7 @@ class DecodeLoop:
         acceptance (the router's controller picks 2-4 here) threw most of a copy away."""
         if s.ngram is None or s.draft_length == 0 and s.request.draft_length == 0:
             return None
-        block = self.proposer.block_size if self.proposer is not None else self.LOOKUP_BLOCK
-        n = self._cap(s, block, session_length=False)
+        n = self._room(s, self.proposer.block_size if self.proposer is not None else self.LOOKUP_BLOCK)
         if n == 0:
             return None
         seen = len(s.ngram.tokens) - len(s.request.prompt_ids)

@@ -97,11 +97,10 @@ def greedy_paths(target, prompts: Sequence[list[int]], *, max_new_tokens: int, s
     return out
 
 
-def replay_rounds(drafts: list[list[int]], tokens: list[int], *, block_size: int, max_new_tokens: int,
-                  stop_ids: Iterable[int], blocks: list[int] | None = None):
+def replay_rounds(drafts: list[list[int]], tokens: list[int], *, blocks: list[int], max_new_tokens: int,
+                  stop_ids: Iterable[int]):
     """Walk DecodeLoop's fixed-block greedy rounds over a path. drafts[i] is the block drafted with
-    tokens[i] as anchor, verified up to blocks[i] (default: block_size) tokens. Returns
-    evaluate.RoundOutcome per round."""
+    tokens[i] as anchor, verified up to blocks[i] tokens. Returns evaluate.RoundOutcome per round."""
     from drafter_svc.train.evaluate import RoundOutcome
 
     stops = set(stop_ids)
@@ -110,8 +109,7 @@ def replay_rounds(drafts: list[list[int]], tokens: list[int], *, block_size: int
     while i < len(tokens):
         if tokens[i] in stops or i + 1 >= max_new_tokens:
             break
-        block = blocks[i] if blocks is not None else block_size
-        n = max(0, min(block, max_new_tokens - (i + 1) - 1, len(drafts[i])))  # a copy may be shorter
+        n = max(0, min(blocks[i], max_new_tokens - (i + 1) - 1, len(drafts[i])))  # a copy may be shorter
         m = 0
         while m < n and i + 1 + m < len(tokens) and drafts[i][m] == tokens[i + 1 + m]:
             m += 1
@@ -156,5 +154,4 @@ def replay_path(model: DSparkDrafter, path: GreedyPath, *, block_size: int, max_
             copy, _ = index.lookup(model.config.block_size)
             if copy:
                 drafts[i], blocks[i] = copy, model.config.block_size
-    return replay_rounds(drafts, path.tokens, block_size=block_size, blocks=blocks, max_new_tokens=max_new_tokens,
-                         stop_ids=stop_ids)
+    return replay_rounds(drafts, path.tokens, blocks=blocks, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
