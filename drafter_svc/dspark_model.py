@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from drafter_svc.backbone import (
@@ -185,13 +186,18 @@ class DSparkDrafter(nn.Module):
         input_ids: torch.Tensor,
         anchors: torch.Tensor,
         keep: torch.Tensor,
+        vocab_ids: torch.Tensor | None = None,
     ) -> DSparkTrainOutput:
         """N blocks per sequence over the full context.
 
         context_features [b, S, T*d], input_ids [b, S], anchors [b, N] (positions in [0, S)),
         keep [b, N] (false: dummy block, all mask tokens). Slot j of the block at `a` sits at
         position a+j and predicts the token at a+j+1; the Markov/confidence heads see the anchor
-        for slot 0 and the data token input_ids[a+k] for slot k >= 1 (teacher forcing)."""
+        for slot 0 and the data token input_ids[a+k] for slot k >= 1 (teacher forcing).
+
+        `vocab_ids` [V'] (sorted token ids, a draft vocabulary): logits over those ids only, column
+        i = token vocab_ids[i], as the drafter proposes when served with that vocabulary; both
+        vocabulary projections then cost V'/V of the full ones."""
         b, seq_len = input_ids.shape
         n = anchors.shape[1]
         block = self.config.block_size
@@ -215,12 +221,17 @@ class DSparkDrafter(nn.Module):
         mask = training_visibility(anchors, keep, seq_len, block)
         hidden = self._run_layers(x, positions, ctx_kv, mask).view(b, n, block, -1)
 
-        logits = self.compute_logits(hidden)
+        if vocab_ids is None:
+            logits = self.compute_logits(hidden)
+        else:
+            logits = F.linear(hidden, self.lm_head.weight.index_select(0, vocab_ids))
         data_idx = (anchors.unsqueeze(-1) + offsets[1:]).clamp(max=seq_len - 1)  # [b, N, B-1]
         data_tokens = input_ids.gather(1, data_idx.view(b, -1)).view(b, n, block - 1)
         prev_tokens = torch.cat([anchor_tokens.unsqueeze(-1), data_tokens], dim=-1)
         if self.markov_head is not None:
-            logits = logits + self.markov_head.block_bias(prev_tokens, hidden)
+            z = self.markov_head.block_features(prev_tokens, hidden)
+            w2 = self.markov_head.markov_w2.weight
+            logits = logits + F.linear(z, w2 if vocab_ids is None else w2.index_select(0, vocab_ids))
         return DSparkTrainOutput(
             logits=logits,
             confidence_logits=self.confidence_logits(hidden, prev_tokens),

@@ -49,9 +49,14 @@ class VanillaMarkovHead(nn.Module):
         z, state = self.step_features(prev_tokens, h, state)
         return self.markov_w2(z), state
 
+    def block_features(self, prev_tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced `step_features` for whole blocks: prev_tokens [..., B], h [..., B, d] ->
+        z [..., B, r] (training over a draft vocabulary projects z onto a subset of W2's rows)."""
+        return self.step_features(prev_tokens, h, None)[0]
+
     def block_bias(self, prev_tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Teacher-forced bias for whole blocks: prev_tokens [..., B], h [..., B, d] -> [..., B, V]."""
-        return self.step(prev_tokens, h, None)[0]
+        return self.markov_w2(self.block_features(prev_tokens, h))
 
 
 class GatedMarkovHead(VanillaMarkovHead):
@@ -96,13 +101,13 @@ class RNNMarkovHead(VanillaMarkovHead):
         new_state = gate * state + (1.0 - gate) * torch.tanh(cand_raw)
         return torch.tanh(out_raw), new_state
 
-    def block_bias(self, prev_tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def block_features(self, prev_tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         state = self.initial_state(h.shape[:-2], h)
-        biases = []
+        zs = []
         for k in range(h.shape[-2]):
-            bias, state = self.step(prev_tokens[..., k], h[..., k, :], state)
-            biases.append(bias)
-        return torch.stack(biases, dim=-2)
+            z, state = self.step_features(prev_tokens[..., k], h[..., k, :], state)
+            zs.append(z)
+        return torch.stack(zs, dim=-2)
 
 
 _HEADS: dict[str, type[VanillaMarkovHead]] = {

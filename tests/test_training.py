@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from drafter_svc import draft_vocab
 from drafter_svc.checkpoint import FROZEN_KEYS, WEIGHTS_NAME, load_checkpoint
 from drafter_svc.loading import default_layer_ids
 from drafter_svc.train.cache import CacheReader, build_cache
@@ -16,8 +17,8 @@ from drafter_svc.train.calibrate import calibrate, greedy_rounds
 from drafter_svc.train.evaluate import RoundOutcome, evaluate, summarize
 from drafter_svc.train.evaluate import outcome_of as outcome_of_round
 from drafter_svc.train.export import export_run
-from drafter_svc.train.fit import FitOptions, Trainer, load_run_model, lr_at
-from drafter_svc.train.objective import block_targets, sample_anchors, sparse_l1
+from drafter_svc.train.fit import FitOptions, Trainer, build_model, draft_config, load_run_model, lr_at
+from drafter_svc.train.objective import block_targets, dspark_loss_sums, sample_anchors, sparse_l1, vocab_index
 from tests.oracle_proposer import OracleProposer
 from tests.tiny_models import tiny_target
 from verifier_svc.decode_loop import DecodeLoop, GenerationRequest
@@ -202,6 +203,81 @@ def test_init_from_an_export_continues_that_drafter(target, cache_dir, tmp_path)
     with pytest.raises(Exception, match="markov_rank"):
         Trainer(target, cache_dir, tmp_path / "other", options(steps=3, markov_rank=4, init_from=str(out)),
                 progress=False)
+
+
+# ------------------------------------------------------------------ draft vocabulary
+
+
+def test_losses_over_a_draft_vocabulary_equal_full_losses_of_the_served_draft():
+    """Training over V' ids must score exactly the drafter that is served with that vocabulary:
+    the full-V draft with no mass outside V' (its logits -inf there)."""
+    g = torch.Generator().manual_seed(3)
+    n, block, v, k = 5, 4, 40, 6
+    ids = torch.randperm(v, generator=g)[:24].sort().values
+    logits = torch.randn(n, block, v, generator=g)
+    conf = torch.randn(n, block, generator=g)
+    labels = torch.randint(0, v, (n, block), generator=g)
+    labels[0, 0] = ids[3]
+    weights = torch.rand(n, block, generator=g)
+    weights[1, 2:] = 0.0
+    topk = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n * block)]).view(n, block, k)
+    probs = torch.softmax(torch.randn(n, block, k, generator=g), -1) * 0.9
+
+    sub = dspark_loss_sums(logits[..., ids], conf, labels, weights, topk, probs, vocab_index(ids, v))
+    served = logits.clone()
+    outside = torch.ones(v, dtype=torch.bool)
+    outside[ids] = False
+    served[..., outside] = float("-inf")
+    full = dspark_loss_sums(served, conf, labels, weights, topk, probs)
+    assert torch.allclose(sub.tv, full.tv, atol=1e-5) and torch.allclose(sub.conf, full.conf, atol=1e-5)
+    # CE counts only labels the draft can write (the full-V CE of the others is infinite)
+    inside = ~outside[labels] & (weights > 0)
+    assert 0 < int(inside.sum()) < int((weights > 0).sum())
+    logp = torch.log_softmax(logits[..., ids], -1)
+    col = vocab_index(ids, v)[labels].clamp(min=0)
+    expected = -(weights * logp.gather(-1, col[..., None])[..., 0] * inside).sum()
+    assert torch.allclose(sub.ce, expected, atol=1e-5)
+
+
+def test_forward_over_a_draft_vocabulary_is_the_full_forward_restricted(target, cache_dir):
+    reader = CacheReader(cache_dir)
+    seq = reader.get(reader.keys[0])
+    drafter = build_model(draft_config(target.config, reader.manifest["target_layer_ids"], options()), target, 0)
+    anchors, keep = sample_anchors(seq.loss_mask, 5, torch.Generator().manual_seed(0), pad=False)
+    ids = torch.arange(0, VOCAB, 3)
+    args = (seq.features[None].float(), seq.input_ids[None], anchors[None], keep[None])
+    with torch.no_grad():
+        full, sub = drafter.forward_train(*args), drafter.forward_train(*args, ids)
+    assert torch.allclose(sub.logits, full.logits[..., ids], atol=1e-5)
+
+
+def test_fit_over_a_draft_vocabulary_trains_and_ships_it(target, cache_dir, tmp_path):
+    # every token the answers use (so the loss can fall as far as over all V) + the even ids
+    reader = CacheReader(cache_dir)
+    used = torch.cat([reader.get(k).input_ids.long() for k in reader.keys])
+    ids = torch.unique(torch.cat([used, torch.arange(0, VOCAB, 2)]))
+    outside = torch.ones(VOCAB, dtype=torch.bool)
+    outside[ids] = False
+    assert 0 < int(outside.sum())
+    vocab_dir = tmp_path / "vocab"
+    vocab_dir.mkdir()
+    draft_vocab.save(vocab_dir, ids, {"size": ids.numel()})
+    trainer = Trainer(target, cache_dir, tmp_path / "run", options(steps=12, draft_vocab=str(vocab_dir)),
+                      progress=False)
+    recs = trainer.fit()
+    first, last = sum(r["loss"] for r in recs[:2]) / 2, sum(r["loss"] for r in recs[-2:]) / 2
+    assert last < 0.8 * first, (first, last)
+    (vocab_dir / draft_vocab.VOCAB_FILE).unlink()  # the run kept its own copy
+    assert torch.equal(load_run_model(tmp_path / "run", target).draft_vocab, ids)
+    out = export_run(tmp_path / "run", tmp_path / "export", dtype=torch.float32)
+    assert torch.equal(draft_vocab.load(out, VOCAB), ids)
+    # rows of W2 outside the vocabulary are never used, so they are never trained
+    w2 = trainer.model.markov_head.markov_w2.weight
+    init = Trainer(target, cache_dir, tmp_path / "init", options(steps=12), progress=False).model
+    assert torch.equal(w2[outside], init.markov_head.markov_w2.weight[outside])
+    assert not torch.equal(w2[ids], init.markov_head.markov_w2.weight[ids])
+    with pytest.raises(Exception, match="no draft_vocab"):
+        Trainer(target, cache_dir, tmp_path / "bad", options(draft_vocab=str(tmp_path)), progress=False)
 
 
 # ------------------------------------------------------------------ calibration

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
+from drafter_svc import draft_vocab
 from drafter_svc.checkpoint import WEIGHTS_NAME, load_checkpoint, save_checkpoint
 from drafter_svc.config import DSparkConfig
 from dspark_common.errors import FailedPrecondition
@@ -25,6 +27,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype =
     model = load_run_model(run_dir)
     config = DSparkConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
     out = save_checkpoint(model, config, out_dir, dtype=dtype, include_frozen=False)
+    if model.draft_vocab is not None:  # trained for that vocabulary: it ships with the weights
+        shutil.copyfile(Path(run_dir) / draft_vocab.VOCAB_FILE, out / draft_vocab.VOCAB_FILE)
     size = (out / WEIGHTS_NAME).stat().st_size
     if size > max_bytes:
         raise FailedPrecondition(f"exported weights are {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB budget")

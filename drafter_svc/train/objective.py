@@ -82,7 +82,8 @@ def block_targets(
 
 
 def sparse_l1(p_d_full: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor) -> torch.Tensor:
-    """L1 between p_d [M, V] and the target coarsened to its top-k ids + one tail bucket -> [M]."""
+    """L1 between p_d [M, V] and the target coarsened to its top-k ids + one tail bucket -> [M].
+    (Several top-k ids may share one zero column of p_d: ids the draft cannot write.)"""
     p_t = topk_probs.float()
     p_d = p_d_full.gather(-1, topk_ids.long())
     tail_d = (1.0 - p_d.sum(-1)).clamp(min=0.0)
@@ -113,17 +114,33 @@ def dspark_loss_sums(
     weights: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_probs: torch.Tensor,
+    vocab_index: torch.Tensor | None = None,
 ) -> LossSums:
     """logits [N, B, V] (draft: base + Markov bias), conf_logits [N, B] or None, labels/weights
     [N, B], topk_ids/topk_probs [N, B, K] (target p_t for each slot's next token).
+
+    With a draft vocabulary, logits are [N, B, V'] over its ids and `vocab_index` [V] maps a token
+    id to its column (-1 outside). The draft then puts no mass outside V', exactly as served: the
+    L1 term counts the target's mass there as unmatched, and CE skips labels the draft cannot write
+    (their slot still trains L1 and confidence, whose label is then low, as it should be).
 
     Only slots with weight > 0 enter the softmax (the rest are masked anyway)."""
     n, block = weights.shape
     sel = weights.reshape(-1) > 0
     w = weights.reshape(-1)[sel]
     logp = F.log_softmax(logits.reshape(n * block, -1)[sel].float(), dim=-1)
-    ce = -logp.gather(-1, labels.reshape(-1)[sel, None]).squeeze(-1)
-    l1 = sparse_l1(logp.exp(), topk_ids.reshape(n * block, -1)[sel], topk_probs.reshape(n * block, -1)[sel])
+    labels = labels.reshape(-1)[sel]
+    topk_ids = topk_ids.reshape(n * block, -1)[sel].long()
+    p_d = logp.exp()
+    if vocab_index is None:
+        ce = -logp.gather(-1, labels[:, None]).squeeze(-1)
+    else:
+        col = vocab_index[labels]
+        ce = -logp.gather(-1, col.clamp(min=0)[:, None]).squeeze(-1) * (col >= 0)
+        # one zero column stands for every id outside the draft vocabulary
+        p_d = torch.cat([p_d, p_d.new_zeros(p_d.shape[0], 1)], dim=-1)
+        topk_ids = torch.where(vocab_index[topk_ids] >= 0, vocab_index[topk_ids], p_d.shape[1] - 1)
+    l1 = sparse_l1(p_d, topk_ids, topk_probs.reshape(n * block, -1)[sel])
     soft = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()
     if conf_logits is not None:
         bce = F.binary_cross_entropy_with_logits(conf_logits.reshape(-1)[sel].float(), soft, reduction="none")
@@ -148,6 +165,13 @@ def dspark_loss_sums(
         tau_prob=float((1.0 + survival.sum(-1))[block_valid].sum()),
         blocks=int(block_valid.sum()),
     )
+
+
+def vocab_index(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Draft vocabulary ids [V'] -> [V] map from token id to column, -1 outside."""
+    index = torch.full((vocab_size,), -1, dtype=torch.long, device=ids.device)
+    index[ids] = torch.arange(ids.numel(), device=ids.device)
+    return index
 
 
 def combine(sums: LossSums, denominator: float, alphas: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
