@@ -3,8 +3,8 @@
 One run per configuration (dataset × temperature × concurrency × draft length); every run sends
 the same prompts (the first turn of the first `--limit` rows of each dataset, chat endpoint,
 streaming), so draft length 0 of the same benchmark is the speedup reference. Draft lengths of one
-dataset/temperature/concurrency run back to back, so slow drifts of a shared machine hit them
-alike. Writes DIR/results.json, DIR/results.md and DIR/*.png.
+dataset/temperature/concurrency run back to back; at concurrency 1 they alternate prompt by prompt
+(`--no-interleave` to run them in a row), so slow drifts of a shared machine hit them alike. Writes DIR/results.json, DIR/results.md and DIR/*.png.
 
     dspark bench --start --dataset gsm8k.jsonl humaneval.jsonl --limit 20 --max-new-tokens 128 \\
         --concurrency 1,4 --temperature 0,1 --draft-length 0,auto --out runs/bench
@@ -243,6 +243,7 @@ class Plan:
     model: str | None = None
     api_key: str = ""
     keep_text: bool = False
+    interleave: bool = True  # concurrency 1: draft lengths alternate prompt by prompt
 
     def groups(self):
         """(dataset, temperature, concurrency) groups; each runs every draft length back to back."""
@@ -315,6 +316,9 @@ async def run_http(url: str, plan: Plan, *, progress=None) -> list[dict]:
                 if not rec.ok:
                     raise InvalidRequest(f"the warm-up request failed: {rec.error}", "url")
         for d, t, c in plan.groups():
+            if c == 1 and plan.interleave:
+                runs += await _run_interleaved(session, url, plan, d, t, progress)
+                continue
             for dl in plan.draft_lengths:
                 run = new_run("http", "http", d.name, t, c, dl, plan.max_new_tokens, reference=dl == 0)
                 progress.set_postfix_str(run["name"], refresh=True)
@@ -326,6 +330,37 @@ async def run_http(url: str, plan: Plan, *, progress=None) -> list[dict]:
                 run["metrics"] = run_figures(run["requests"], wall)
                 runs.append(run)
     return runs
+
+
+async def _run_interleaved(session, url: str, plan: Plan, d: Dataset, t: float, progress) -> list[dict]:
+    """Concurrency 1, draft lengths interleaved prompt by prompt (prompt i runs every draft length
+    back to back, starting at a rotating one): a shared machine's drifts, which last minutes, then
+    hit every configuration alike instead of whichever ran during them. A run's wall time is the
+    sum of its requests' times (one user, closed loop: the same as running them in a row)."""
+    from bench.http_client import ChatRequest, stream_chat
+    from bench.metrics import run_figures
+
+    dls = plan.draft_lengths
+    runs = {dl: new_run("http", "http", d.name, t, 1, dl, plan.max_new_tokens, reference=dl == 0) for dl in dls}
+    records: dict = {dl: [] for dl in dls}
+    walls = dict.fromkeys(dls, 0.0)
+    progress.set_postfix_str(f"http/{d.name}/T{t:g}/c1/interleaved", refresh=True)
+    for i, prompt in enumerate(d.prompts):
+        for dl in dls[i % len(dls):] + dls[: i % len(dls)]:
+            t0 = time.perf_counter()
+            rec = await stream_chat(session, url, ChatRequest(i, prompt, plan.max_new_tokens, t, dl, seed=plan.seed + i,
+                                                              model=plan.model), api_key=plan.api_key)
+            walls[dl] += time.perf_counter() - t0
+            if not rec.ok:
+                log.warning("prompt %d failed: %s", i, rec.error)
+            records[dl].append(rec)
+            progress.update(1)
+    for dl, run in runs.items():
+        run["interleaved"] = True
+        run["loadavg_after"] = loadavg()
+        run["requests"] = [r.figures(keep_text=plan.keep_text) for r in records[dl]]
+        run["metrics"] = run_figures(run["requests"], walls[dl])
+    return list(runs.values())
 
 
 class _NullProgress:
@@ -389,6 +424,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="the `model` field sent (default: none, the router's model)")
     p.add_argument("--api-key", default=os.environ.get("DSPARK_API_KEY", ""))
     p.add_argument("--keep-text", action="store_true", help="store generated texts in results.json")
+    p.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="concurrency 1: run each draft length's prompts in a row instead of alternating draft "
+                        "lengths prompt by prompt")
     p.add_argument("--baselines", default="", help=f"comma list of in-process peers: {','.join(BASELINES)}")
     p.add_argument("--target", default="smollm2", help="baselines: the target model (as `dspark up --model`)")
     p.add_argument("--drafter", default="default", help="baselines: DSpark checkpoint of the in-process loop")
@@ -413,6 +451,7 @@ def run(args: argparse.Namespace) -> int:
         concurrency=parse_list(args.concurrency, int), temperatures=parse_list(args.temperature, float),
         draft_lengths=parse_draft_lengths(args.draft_length), seed=args.seed, warmup=args.warmup,
         request_timeout_s=args.request_timeout_s, model=args.model, api_key=args.api_key, keep_text=args.keep_text,
+        interleave=args.interleave,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -204,6 +204,17 @@ def add_speedups(runs: list[dict]) -> None:
         r["reference_run"] = ref["name"] if ref is not None else None
         r["metrics"]["speedup"] = (speedup(r["metrics"]["decode_tokens_per_s"], ref["metrics"]["decode_tokens_per_s"])
                                    if ref is not None else None)
+        r["metrics"]["paired_speedup"] = paired_speedup(r, ref) if ref is not None else None
+
+
+def paired_speedup(run: dict, ref: dict) -> float | None:
+    """Median over prompts of a prompt's decode tokens/s ÷ the reference's on the same prompt.
+    Pairing cancels what the prompts differ in (length, how well they draft); with interleaved
+    runs the pair also ran minutes apart at most, so it shares the machine's state."""
+    want = {q["prompt_index"]: q.get("decode_tokens_per_s") for q in ref.get("requests", []) if q.get("ok")}
+    ratios = [ratio(q.get("decode_tokens_per_s"), want.get(q["prompt_index"]))
+              for q in run.get("requests", []) if q.get("ok")]
+    return median([x for x in ratios if x is not None])
 
 
 def identical_outputs(runs: list[dict]) -> None:

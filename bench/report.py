@@ -33,8 +33,8 @@ def _sort_key(r: dict):
 
 def runs_table(runs: list[dict]) -> str:
     head = ("| source | dataset | T | C | config | τ | cond. acceptance by position 1… | decode tok/s/user (median) "
-            "| speedup | TTFT p50 ms | ITL p50 / p95 / p99 ms | aggregate tok/s | greedy = ref | failed |")
-    rows = [head, "|" + "---|" * 14]
+            "| speedup | paired | TTFT p50 ms | ITL p50 / p95 / p99 ms | aggregate tok/s | greedy = ref | failed |")
+    rows = [head, "|" + "---|" * 15]
     for r in sorted(runs, key=_sort_key):
         m = r["metrics"]
         itl = m["itl_ms"]
@@ -42,7 +42,7 @@ def runs_table(runs: list[dict]) -> str:
         rows.append(
             f"| {r['source']} | {r['dataset']} | {r['temperature']:g} | {r['concurrency']} | {r['label']} "
             f"| {_f(m['tau'])} | {_acc(m['acceptance_by_position'])} | {_f(m['decode_tokens_per_s'], 1)} "
-            f"| {_f(m.get('speedup'))}x | {_f(m['ttft_ms']['p50'], 0)} "
+            f"| {_f(m.get('speedup'))}x | {_f(m.get('paired_speedup'))}x | {_f(m['ttft_ms']['p50'], 0)} "
             f"| {_f(itl['p50'], 0)} / {_f(itl['p95'], 0)} / {_f(itl['p99'], 0)} "
             f"| {_f(m['aggregate_tokens_per_s'], 1)} | {'–' if same is None else f'{same:.0%}'} "
             f"| {m['errors']}/{m['requests']} |"

@@ -18,6 +18,7 @@ from bench.metrics import (
     conditional_acceptance,
     distribution,
     generated_in_rounds,
+    paired_speedup,
     percentile,
     request_figures,
     run_figures,
@@ -133,6 +134,16 @@ def test_run_figures_and_speedup():
     got = {r["name"]: r["metrics"]["speedup"] for r in runs}
     assert got == {"a0": 1.0, "aA": 1.75, "a4": 1.5, "b0": 1.0, "b4": 1.5, "pl": 1.5, "hf": 1.0, "x": None}
     assert runs[1]["reference_run"] == "a0" and runs[4]["reference_run"] == "b0"
+
+
+def test_paired_speedup_is_the_median_of_per_prompt_ratios():
+    def reqs(rates):
+        return [{"prompt_index": i, "ok": r is not None, "decode_tokens_per_s": r} for i, r in enumerate(rates)]
+
+    ref = {"requests": reqs([10.0, 20.0, 40.0, 5.0])}
+    run = {"requests": reqs([15.0, 20.0, 100.0, None])}  # ratios 1.5, 1.0, 2.5; prompt 3 failed
+    assert paired_speedup(run, ref) == 1.5
+    assert paired_speedup(ref, ref) == 1.0
 
 
 def test_update_doc_keeps_the_rest(tmp_path):
@@ -344,8 +355,9 @@ def test_bench_end_to_end_against_a_tiny_stack(tmp_path, capsys):
         assert m["generated_in_rounds"] + len(reqs) == m["completion_tokens"]
         assert m["aggregate_tokens_per_s"] == pytest.approx(m["completion_tokens"] / m["wall_s"])
         assert m["fallback_rounds"] == 0
+        assert r.get("interleaved", False) == (r["concurrency"] == 1)  # c=1: draft lengths alternate per prompt
         if r["draft_length"] == 0:
-            assert r["reference"] and m["speedup"] == 1.0 and m["tau"] == 1.0
+            assert r["reference"] and m["speedup"] == 1.0 and m["paired_speedup"] == 1.0 and m["tau"] == 1.0
             assert m["draft_tokens"] == 0 and m["proposed_by_position"] == []
         else:
             ref = next(x for x in runs if x["name"] == r["reference_run"])
