@@ -80,6 +80,15 @@ class FitOptions:
         return dataclasses.asdict(self)
 
 
+def adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """AdamW, fused where torch has it: the per-parameter loop of the default implementation costs
+    ~4x more on CPU (130 vs 30 ms a step for this drafter, a third of a whole step)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError):  # older torch, or a device without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 def lr_at(step: int, opts: FitOptions) -> float:
     """Linear warmup over ceil(warmup_frac·steps) steps, then cosine to 0 at `steps`."""
     warm = max(1, math.ceil(opts.warmup_frac * opts.steps))
@@ -181,7 +190,7 @@ class Trainer:
         self.config = draft_config(target.config, layer_ids, opts)
         self.model = build_model(self.config, target, opts.seed).to(opts.device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=0.0)
+        self.optimizer = adamw(self.params, opts.lr)
         self.alphas = LossWeights(opts.alpha_ce, opts.alpha_tv, opts.alpha_conf)
         self.vocab_ids = load_draft_vocab(opts, self.config.vocab_size)
         self.vocab_index = None
