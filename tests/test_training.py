@@ -126,6 +126,23 @@ def test_cache_build_resumes_without_redoing(target, cache_dir):
 # ------------------------------------------------------------------ fit
 
 
+def test_several_caches_read_as_one(target, cache_dir, tmp_path):
+    write_answers(tmp_path / "answers.jsonl", n=5, seed=1)  # same keys as cache_dir's: toy:0..4
+    layers = CacheReader(cache_dir).manifest["target_layer_ids"]
+    build_cache(target, tmp_path / "answers.jsonl", tmp_path / "c2", layers, top_k=8, batch_size=4, shard_size=4,
+                progress=False)
+    one, two = CacheReader(cache_dir, None), CacheReader(tmp_path / "c2", None)
+    both = CacheReader([cache_dir, tmp_path / "c2"], None)
+    assert len(both) == len(one) + len(two)  # same prompt, two answers: both kept
+    assert both.keys == sorted([f"0:{k}" for k in one.keys] + [f"1:{k}" for k in two.keys])
+    assert torch.equal(both.get("1:toy:3").input_ids, two.get("toy:3").input_ids)
+    Trainer(target, [cache_dir, tmp_path / "c2"], tmp_path / "run", options(steps=2), progress=False).fit()
+    build_cache(target, tmp_path / "answers.jsonl", tmp_path / "c3", layers, top_k=4, batch_size=4, shard_size=4,
+                progress=False)
+    with pytest.raises(Exception, match="top_k"):
+        CacheReader([cache_dir, tmp_path / "c3"])
+
+
 def test_training_steps_lower_the_loss(target, cache_dir, tmp_path):
     trainer = Trainer(target, cache_dir, tmp_path / "run", options(steps=12), progress=False)
     recs = trainer.fit()

@@ -76,7 +76,7 @@ def calibrate(model: DSparkDrafter, reader: CacheReader, *, max_sequences: int =
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="target model spec (frozen embed/lm_head)")
-    p.add_argument("--cache", default="runs/smollm2/cache")
+    p.add_argument("--cache", nargs="+", default=["runs/smollm2/cache"], help="target cache directories (read as one)")
     p.add_argument("--run", default="runs/smollm2/fit", help="fit run directory")
     p.add_argument("--max-sequences", type=int, default=0, help="held-out sequences to use (0 = all)")
     p.add_argument("--max-anchors", type=int, default=256, help="blocks per held-out sequence")

@@ -178,7 +178,7 @@ def sequence_sums(model: DSparkDrafter, seq: CachedSequence, anchors, keep, labe
 
 
 class Trainer:
-    def __init__(self, target, cache_dir: str | Path, run_dir: str | Path, opts: FitOptions,
+    def __init__(self, target, cache_dir: str | Path | list[str | Path], run_dir: str | Path, opts: FitOptions,
                  *, progress: bool = True) -> None:
         self.reader = CacheReader(cache_dir, "train")
         if len(self.reader) == 0:
@@ -366,7 +366,7 @@ def plot_curves(log_path: str | Path, png_path: str | Path, extra: dict[str, str
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = FitOptions()
     p.add_argument("--model", default="smollm2", help="target model spec (for the frozen embed/lm_head)")
-    p.add_argument("--cache", default="runs/smollm2/cache")
+    p.add_argument("--cache", nargs="+", default=["runs/smollm2/cache"], help="target cache directories (read as one)")
     p.add_argument("--out", default="runs/smollm2/fit")
     for f in dataclasses.fields(FitOptions):
         default = getattr(d, f.name)
