@@ -297,6 +297,21 @@ def test_fit_over_a_draft_vocabulary_trains_and_ships_it(target, cache_dir, tmp_
         Trainer(target, cache_dir, tmp_path / "bad", options(draft_vocab=str(tmp_path)), progress=False)
 
 
+def test_validate_scores_the_same_blocks_for_every_drafter(target, cache_dir, tmp_path):
+    from drafter_svc.train.validate import heldout_figures
+
+    reader = CacheReader(cache_dir, None)  # the toy cache is too small for a held-out split
+    Trainer(target, cache_dir, tmp_path / "run", options(steps=12), progress=False).fit()
+    trained = load_run_model(tmp_path / "run", target)
+    fresh = build_model(trained.config, target, 0).eval()
+    a, b = heldout_figures(trained, reader), heldout_figures(trained, reader)
+    assert a == b and a["blocks"] > 0 and 1.0 <= a["tau_prob"] <= 1.0 + trained.config.block_size
+    f = heldout_figures(fresh, reader)
+    assert f["blocks"] == a["blocks"]  # same anchors
+    assert a["ce"] < f["ce"] and a["tau_prob"] > f["tau_prob"]  # these sequences were trained on
+    assert len(a["accept_by_slot"]) == trained.config.block_size
+
+
 # ------------------------------------------------------------------ calibration
 
 

@@ -6,6 +6,7 @@
     calibrate  STS temperatures on held-out blocks         (drafter_svc.train.calibrate)
     export     DeepSpec-format checkpoint directory        (drafter_svc.train.export)
     vocab      the checkpoint's draft vocabulary           (drafter_svc.train.vocab)
+    validate   training metrics on held-out sequences      (drafter_svc.train.validate)
 
 Each step module exposes add_arguments(parser) and run(args) (datagen: generate(args))."""
 
@@ -23,6 +24,7 @@ STEPS: dict[str, tuple[str, str]] = {
     "calibrate": ("drafter_svc.train.calibrate", "fit STS confidence temperatures on held-out data"),
     "export": ("drafter_svc.train.export", "write the DeepSpec-format checkpoint directory"),
     "vocab": ("drafter_svc.train.vocab", "choose the checkpoint's draft vocabulary from the training answers"),
+    "validate": ("drafter_svc.train.validate", "held-out tau_prob and loss terms of a fit run or exported drafter"),
 }
 
 

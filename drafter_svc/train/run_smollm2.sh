@@ -7,6 +7,9 @@
 # Fourth session: sampled answers (DeepSpec's sampling) for gsm8k + livecodebench, a second warm-start
 # continuation on them, and the draft vocabulary counted on all regenerated answers:
 #   drafter_svc/train/run_smollm2.sh datagen-300 | datagen-sampled | continue-sampled | finish-sampled | vocab | eval-dspark
+# Sixth session: sampled answers (seed 2) to livecodebench and to arena-hard + gsm8k, and a third
+# continuation trained over the draft vocabulary (~4x cheaper steps):
+#   drafter_svc/train/run_smollm2.sh datagen-s2 | continue-vocab (+ datagen-s3 alongside) | finish-vocab | eval-dspark
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -23,6 +26,8 @@ TRAIN=../shared/data/prompts/train
 TEMPS=${TEMPS:-"0 1"}
 EVAL_DIR=${EVAL_DIR:-$R/eval}
 EVAL_FILES=${EVAL_FILES:-"$(ls ../shared/data/prompts/eval/*.jsonl 2>/dev/null || ls /work/shared/data/prompts/eval/*.jsonl)"}
+# sixth session's caches (read as one); cache_s3 joined the fit when it was restarted at step ~5500
+CACHES6=${CACHES6:-"$R/cache_s2a $R/cache_s2b $R/cache_s3"}
 FIT_ARGS="--cache $R/cache --steps $STEPS --batch-seqs 1 --num-anchors 48 --block-size 7 --layers 2 --ckpt-every 50"
 mkdir -p $R/logs $EVAL_DIR docs/img
 
@@ -65,6 +70,25 @@ case "${1:-}" in
     $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
       --limit 2055 --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 1 \
       --out $R/data_s --cache $R/cache_s > $R/logs/datagen.s.log 2>&1 ;;
+  datagen-s3)  # once datagen-s2 is done and a core is free: more sampled answers (seed 3), one process
+    $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
+      $TRAIN/livecodebench.jsonl --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 3 \
+      --out $R/data_s3 --cache $R/cache_s3 > $R/logs/datagen.s3.log 2>&1 ;;
+  datagen-s2)  # two processes side by side, each with its own cache: code / chat + math
+    $PY -m dspark_common.cli train datagen --prompts $TRAIN/livecodebench.jsonl --max-new-tokens 128 --batch-size 64 \
+      --threads 1 --sampling deepspec --seed 2 --out $R/data_s2a --cache $R/cache_s2a > $R/logs/datagen.s2a.log 2>&1 &
+    $PY -m dspark_common.cli train datagen --prompts $TRAIN/arena-hard-v2-head500.jsonl $TRAIN/gsm8k-head1000.jsonl \
+      --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 2 --out $R/data_s2b \
+      --cache $R/cache_s2b > $R/logs/datagen.s2b.log 2>&1 &
+    wait ;;
+  continue-vocab)  # the committed drafter (snapshot: export overwrites it), trained over its draft vocabulary
+    mkdir -p $R/init4 && cp -n models/dspark-smollm2-135m/* $R/init4/
+    $PY -m dspark_common.cli train fit ${FIT_ARGS/--cache $R\/cache/--cache $CACHES6} --markov-rank 64 \
+      --init-from $R/init4 --draft-vocab $R/init4 --lr ${LR:-3e-4} --out $R/fit4 ;;
+  finish-vocab)
+    $PY -m dspark_common.cli train calibrate --cache $CACHES6 --run $R/fit4 --plot docs/img/reliability.png
+    $PY -m dspark_common.cli train export --run $R/fit4 --out models/dspark-smollm2-135m
+    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit4/log.jsonl', 'docs/img/loss_curves_vocab.png')" ;;
   continue-sampled)
     mkdir -p $R/init3 && cp -n models/dspark-smollm2-135m/* $R/init3/
     $PY -m dspark_common.cli train fit ${FIT_ARGS/--cache $R\/cache/--cache $R/cache_s} --markov-rank 64 \
@@ -102,5 +126,5 @@ case "${1:-}" in
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|cache|fit|continue|continue-sampled|finish|finish-continued|finish-sampled|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
 esac

@@ -1,0 +1,75 @@
+"""`dspark train validate`: the training metrics on the caches' held-out split — the check that
+more epochs still generalise, which the training curve (sequences seen before) cannot show.
+
+For a fit run (its last checkpoint) or an exported drafter: per held-out sequence up to N anchors
+(a fixed seed, so two drafters see the same blocks), the DSpark loss terms and tau_probabilistic =
+1 + Σ_j Π_{i≤j} (1 − ½ L1_k), over the drafter's draft vocabulary when it has one (as served)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from drafter_svc.dspark_model import DSparkDrafter
+from drafter_svc.train.cache import CacheReader
+from drafter_svc.train.objective import block_targets, dspark_loss_sums, sample_anchors, vocab_index
+
+
+@torch.inference_mode()
+def heldout_figures(model: DSparkDrafter, reader: CacheReader, *, num_anchors: int = 48, seed: int = 7) -> dict:
+    block = model.config.block_size
+    ids = model.draft_vocab
+    index = None if ids is None else vocab_index(ids, model.config.vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    tau = weight = ce = tv = 0.0
+    blocks = 0
+    accept, count = torch.zeros(block), torch.zeros(block)
+    for key in reader.keys:
+        seq = reader.get(key)
+        anchors, keep = sample_anchors(seq.loss_mask, num_anchors, gen, pad=False)
+        if anchors.numel() == 0:
+            continue
+        labels, _, weights = block_targets(seq.input_ids, seq.loss_mask, anchors, keep, block)
+        out = model.forward_train(seq.features[None].to(model.dtype), seq.input_ids[None], anchors[None], keep[None], ids)
+        pos = (anchors[:, None] + torch.arange(block)[None, :]).clamp(max=seq.input_ids.shape[0] - 1)
+        conf = out.confidence_logits[0] if out.confidence_logits is not None else None
+        s = dspark_loss_sums(out.logits[0], conf, labels, weights, seq.topk_ids[pos], seq.topk_probs[pos], index)
+        tau, blocks, weight = tau + s.tau_prob, blocks + s.blocks, weight + s.weight
+        ce, tv = ce + float(s.ce), tv + float(s.tv)
+        accept, count = accept + s.slot_accept, count + s.slot_count
+    return {
+        "sequences": len(reader), "blocks": blocks,
+        "tau_prob": round(tau / max(blocks, 1), 4),
+        "ce": round(ce / max(weight, 1e-9), 4), "tv": round(tv / max(weight, 1e-9), 4),
+        "accept_by_slot": [round(float(a / max(n, 1.0)), 4) for a, n in zip(accept, count)],
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="target model spec (for the frozen embed/lm_head)")
+    p.add_argument("--cache", nargs="+", default=["runs/smollm2/cache"], help="target cache directories (read as one)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", help="fit run directory (its last checkpoint)")
+    what.add_argument("--drafter", help="exported drafter directory")
+    p.add_argument("--num-anchors", type=int, default=48)
+    p.add_argument("--threads", type=int, default=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from drafter_svc.checkpoint import load_checkpoint
+    from drafter_svc.train.fit import load_run_model
+    from verifier_svc.target_loading import load_target
+
+    torch.set_num_threads(args.threads)
+    target = load_target(args.model).model
+    if args.run:
+        model = load_run_model(args.run, target)
+    else:
+        model = load_checkpoint(Path(args.drafter), target_embed=target.get_input_embeddings().weight,
+                                target_lm_head=target.get_output_embeddings().weight).eval()
+    figures = heldout_figures(model, CacheReader(args.cache, "heldout"), num_anchors=args.num_anchors)
+    print(json.dumps({"drafter": args.run or args.drafter, **figures}))
+    return 0
