@@ -114,13 +114,13 @@ def dspark_loss_sums(
     weights: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_probs: torch.Tensor,
-    vocab_index: torch.Tensor | None = None,
+    vocab_columns: torch.Tensor | None = None,
 ) -> LossSums:
     """logits [N, B, V] (draft: base + Markov bias), conf_logits [N, B] or None, labels/weights
     [N, B], topk_ids/topk_probs [N, B, K] (target p_t for each slot's next token).
 
-    With a draft vocabulary, logits are [N, B, V'] over its ids and `vocab_index` [V] maps a token
-    id to its column (-1 outside). The draft then puts no mass outside V', exactly as served: the
+    With a draft vocabulary, logits are [N, B, V'] over its ids and `vocab_columns` [V]
+    (`vocab_index(ids, V)`) maps a token id to its column (-1 outside). The draft then puts no mass outside V', exactly as served: the
     L1 term counts the target's mass there as unmatched, and CE skips labels the draft cannot write
     (their slot still trains L1 and confidence, whose label is then low, as it should be).
 
@@ -132,14 +132,15 @@ def dspark_loss_sums(
     labels = labels.reshape(-1)[sel]
     topk_ids = topk_ids.reshape(n * block, -1)[sel].long()
     p_d = logp.exp()
-    if vocab_index is None:
+    if vocab_columns is None:
         ce = -logp.gather(-1, labels[:, None]).squeeze(-1)
     else:
-        col = vocab_index[labels]
+        col = vocab_columns[labels]
         ce = -logp.gather(-1, col.clamp(min=0)[:, None]).squeeze(-1) * (col >= 0)
         # one zero column stands for every id outside the draft vocabulary
         p_d = torch.cat([p_d, p_d.new_zeros(p_d.shape[0], 1)], dim=-1)
-        topk_ids = torch.where(vocab_index[topk_ids] >= 0, vocab_index[topk_ids], p_d.shape[1] - 1)
+        cols = vocab_columns[topk_ids]
+        topk_ids = torch.where(cols >= 0, cols, p_d.shape[1] - 1)
     l1 = sparse_l1(p_d, topk_ids, topk_probs.reshape(n * block, -1)[sel])
     soft = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()
     if conf_logits is not None:

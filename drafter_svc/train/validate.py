@@ -15,7 +15,8 @@ import torch
 
 from drafter_svc.dspark_model import DSparkDrafter
 from drafter_svc.train.cache import CacheReader
-from drafter_svc.train.objective import block_targets, dspark_loss_sums, sample_anchors, vocab_index
+from drafter_svc.train.fit import load_run_model, sequence_sums
+from drafter_svc.train.objective import block_targets, sample_anchors, vocab_index
 
 
 @torch.inference_mode()
@@ -33,10 +34,7 @@ def heldout_figures(model: DSparkDrafter, reader: CacheReader, *, num_anchors: i
         if anchors.numel() == 0:
             continue
         labels, _, weights = block_targets(seq.input_ids, seq.loss_mask, anchors, keep, block)
-        out = model.forward_train(seq.features[None].to(model.dtype), seq.input_ids[None], anchors[None], keep[None], ids)
-        pos = (anchors[:, None] + torch.arange(block)[None, :]).clamp(max=seq.input_ids.shape[0] - 1)
-        conf = out.confidence_logits[0] if out.confidence_logits is not None else None
-        s = dspark_loss_sums(out.logits[0], conf, labels, weights, seq.topk_ids[pos], seq.topk_probs[pos], index)
+        s = sequence_sums(model, seq, anchors, keep, labels, weights, ids, index)
         tau, blocks, weight = tau + s.tau_prob, blocks + s.blocks, weight + s.weight
         ce, tv = ce + float(s.ce), tv + float(s.tv)
         accept, count = accept + s.slot_accept, count + s.slot_count
@@ -60,7 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from drafter_svc.checkpoint import load_checkpoint
-    from drafter_svc.train.fit import load_run_model
     from verifier_svc.target_loading import load_target
 
     torch.set_num_threads(args.threads)
