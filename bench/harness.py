@@ -4,7 +4,8 @@ One run per configuration (dataset × temperature × concurrency × draft length
 the same prompts (the first turn of the first `--limit` rows of each dataset, chat endpoint,
 streaming), so draft length 0 of the same benchmark is the speedup reference. Draft lengths of one
 dataset/temperature/concurrency run back to back; at concurrency 1 they alternate prompt by prompt
-(`--no-interleave` to run them in a row), so slow drifts of a shared machine hit them alike. Writes DIR/results.json, DIR/results.md and DIR/*.png.
+(`--no-interleave` to run them in a row), so slow drifts of a shared machine hit them alike.
+Writes DIR/results.json, DIR/results.md and DIR/*.png.
 
     dspark bench --start --dataset gsm8k.jsonl humaneval.jsonl --limit 20 --max-new-tokens 128 \\
         --concurrency 1,4 --temperature 0,1 --draft-length 0,auto --out runs/bench
@@ -301,7 +302,6 @@ async def run_http(url: str, plan: Plan, *, progress=None) -> list[dict]:
     import aiohttp
 
     from bench.http_client import ChatRequest, stream_chat
-    from bench.metrics import run_figures
 
     timeout = aiohttp.ClientTimeout(total=plan.request_timeout_s, sock_read=plan.request_timeout_s)
     connector = aiohttp.TCPConnector(limit=max(plan.concurrency) + 2)
@@ -325,10 +325,7 @@ async def run_http(url: str, plan: Plan, *, progress=None) -> list[dict]:
                 requests = [ChatRequest(i, p, plan.max_new_tokens, t, dl, seed=plan.seed + i, model=plan.model)
                             for i, p in enumerate(d.prompts)]
                 records, wall = await _run_config(session, url, requests, c, plan, progress)
-                run["loadavg_after"] = loadavg()
-                run["requests"] = [r.figures(keep_text=plan.keep_text) for r in records]
-                run["metrics"] = run_figures(run["requests"], wall)
-                runs.append(run)
+                runs.append(_finish_run(run, records, wall, plan))
     return runs
 
 
@@ -338,7 +335,6 @@ async def _run_interleaved(session, url: str, plan: Plan, d: Dataset, t: float, 
     hit every configuration alike instead of whichever ran during them. A run's wall time is the
     sum of its requests' times (one user, closed loop: the same as running them in a row)."""
     from bench.http_client import ChatRequest, stream_chat
-    from bench.metrics import run_figures
 
     dls = plan.draft_lengths
     runs = {dl: new_run("http", "http", d.name, t, 1, dl, plan.max_new_tokens, reference=dl == 0) for dl in dls}
@@ -355,12 +351,17 @@ async def _run_interleaved(session, url: str, plan: Plan, d: Dataset, t: float, 
                 log.warning("prompt %d failed: %s", i, rec.error)
             records[dl].append(rec)
             progress.update(1)
-    for dl, run in runs.items():
-        run["interleaved"] = True
-        run["loadavg_after"] = loadavg()
-        run["requests"] = [r.figures(keep_text=plan.keep_text) for r in records[dl]]
-        run["metrics"] = run_figures(run["requests"], walls[dl])
-    return list(runs.values())
+    return [_finish_run({**run, "interleaved": True}, records[dl], walls[dl], plan) for dl, run in runs.items()]
+
+
+def _finish_run(run: dict, records: list, wall_s: float, plan: Plan) -> dict:
+    """A run dict of results.json completed with its requests' figures and the run's metrics."""
+    from bench.metrics import run_figures
+
+    run["loadavg_after"] = loadavg()
+    run["requests"] = [r.figures(keep_text=plan.keep_text) for r in records]
+    run["metrics"] = run_figures(run["requests"], wall_s)
+    return run
 
 
 class _NullProgress:
