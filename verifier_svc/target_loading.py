@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 from dspark_common.errors import InvalidRequest
 from dspark_common.settings import cache_root
+from verifier_svc import packed_gqa_attention
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def load_target(
         name = "SmolLM2-135M-Instruct" if spec == DEFAULT_TARGET else str(spec).rstrip("/").split("/")[-1]
     model.to(device).eval()
     model.requires_grad_(False)
+    packed_gqa_attention.install(model)
     if small_batch_kernel:
         from dspark_common import small_batch_linear
 

@@ -81,6 +81,13 @@ case "${1:-}" in
       --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 2 --out $R/data_s2b \
       --cache $R/cache_s2b > $R/logs/datagen.s2b.log 2>&1 &
     wait ;;
+  datagen-s4)  # seventh session: seed 4, as datagen-s2 (a fresh checkout has no earlier caches: runs/ is not committed)
+    $PY -m dspark_common.cli train datagen --prompts $TRAIN/livecodebench.jsonl --max-new-tokens 128 --batch-size 64 \
+      --threads 1 --sampling deepspec --seed 4 --out $R/data_s4a --cache $R/cache_s4a > $R/logs/datagen.s4a.log 2>&1 &
+    $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
+      --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 4 --out $R/data_s4b \
+      --cache $R/cache_s4b > $R/logs/datagen.s4b.log 2>&1 &
+    wait ;;
   continue-vocab)  # the committed drafter (snapshot: export overwrites it), trained over its draft vocabulary
     mkdir -p $R/init4 && cp -n models/dspark-smollm2-135m/* $R/init4/
     $PY -m dspark_common.cli train fit ${FIT_ARGS/--cache $R\/cache/--cache $CACHES6} --markov-rank 64 \
