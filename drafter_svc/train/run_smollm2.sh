@@ -10,6 +10,8 @@
 # Sixth session: sampled answers (seed 2) to livecodebench and to arena-hard + gsm8k, and a third
 # continuation trained over the draft vocabulary (~4x cheaper steps):
 #   drafter_svc/train/run_smollm2.sh datagen-s2 | continue-vocab (+ datagen-s3 alongside) | finish-vocab | eval-dspark
+# Seventh session (a fresh checkout: no earlier caches), seed-4 sampled answers and a fourth continuation:
+#   drafter_svc/train/run_smollm2.sh datagen-s4 | continue-s4 | finish-s4 | eval-dspark
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -28,6 +30,7 @@ EVAL_DIR=${EVAL_DIR:-$R/eval}
 EVAL_FILES=${EVAL_FILES:-"$(ls ../shared/data/prompts/eval/*.jsonl 2>/dev/null || ls /work/shared/data/prompts/eval/*.jsonl)"}
 # sixth session's caches (read as one); cache_s3 joined the fit when it was restarted at step ~5500
 CACHES6=${CACHES6:-"$R/cache_s2a $R/cache_s2b $R/cache_s3"}
+CACHES7=${CACHES7:-"$R/cache_s4a $R/cache_s4b"}
 FIT_ARGS="--cache $R/cache --steps $STEPS --batch-seqs 1 --num-anchors 48 --block-size 7 --layers 2 --ckpt-every 50"
 mkdir -p $R/logs $EVAL_DIR docs/img
 
@@ -88,6 +91,14 @@ case "${1:-}" in
       --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 4 --out $R/data_s4b \
       --cache $R/cache_s4b > $R/logs/datagen.s4b.log 2>&1 &
     wait ;;
+  continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
+    mkdir -p $R/init7 && cp -n models/dspark-smollm2-135m/* $R/init7/
+    $PY -m dspark_common.cli train fit ${FIT_ARGS/--cache $R\/cache/--cache $CACHES7} --markov-rank 64 \
+      --init-from $R/init7 --draft-vocab $R/init7 --lr ${LR:-2e-4} --out $R/fit7 ;;
+  finish-s4)
+    $PY -m dspark_common.cli train calibrate --cache $CACHES7 --run $R/fit7 --plot docs/img/reliability.png
+    $PY -m dspark_common.cli train export --run $R/fit7 --out models/dspark-smollm2-135m
+    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit7/log.jsonl', 'docs/img/loss_curves_s4.png')" ;;
   continue-vocab)  # the committed drafter (snapshot: export overwrites it), trained over its draft vocabulary
     mkdir -p $R/init4 && cp -n models/dspark-smollm2-135m/* $R/init4/
     $PY -m dspark_common.cli train fit ${FIT_ARGS/--cache $R\/cache/--cache $CACHES6} --markov-rank 64 \
@@ -133,5 +144,5 @@ case "${1:-}" in
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
 esac

@@ -48,7 +48,7 @@ void rows_kernel(const float* x, const float* w, const float* bias, float* y, in
       // The hardware prefetcher falls behind once M FMAs sit between two weight loads. One software
       // prefetch per 64-byte line, kPrefetchRows weight rows ahead (a hint: it never faults past the
       // end), took all of SmolLM2's linears at 8 rows from 92-104 ms to 58-67 ms and at 1 row from
-      // 55-61 ms to 51-52 ms on the seventh session's machine.
+      // 55-61 ms to 42-52 ms on the seventh session's machine.
       if ((k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(wn + k + kPrefetchRows * K), _MM_HINT_T0);
       const __m256 wv = _mm256_loadu_ps(wn + k);
 #pragma GCC unroll 8
