@@ -216,3 +216,12 @@ def test_cost_curve_fit_pools_noise_instead_of_carrying_it_forward():
     # a slow outlier at k=3 is averaged with the dips after it, not copied to every later size
     assert non_decreasing([48.0, 52.0, 65.0, 55.0, 57.0, 70.0]) == pytest.approx([48, 52, 59, 59, 59, 70])
     assert non_decreasing([5.0, 4.0, 3.0]) == pytest.approx([4.0, 4.0, 4.0])
+
+
+def test_sps_timings_take_the_lower_quartile() -> None:
+    from verifier_svc.sps_profile import lower_quartile
+
+    # a slow spell lifts 5 of 9 timings of one size: the median (0.118) follows it, the quartile does not
+    assert lower_quartile([0.080, 0.120, 0.079, 0.125, 0.119, 0.082, 0.130, 0.118, 0.081]) == pytest.approx(0.081)
+    assert lower_quartile([0.05]) == 0.05
+    assert lower_quartile([3.0, 1.0, 2.0, 4.0, 5.0]) == 2.0
