@@ -385,11 +385,12 @@ def test_eval_on_a_tiny_model(target, bad_at):
         assert res["tau_uncapped"] == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize("stop", [False, True])
-@pytest.mark.parametrize("lookup", [False, True])
-def test_greedy_replay_matches_the_decode_loop_round_for_round(target, stop, lookup):
+@pytest.mark.parametrize("stop,lookup,vocab", [(False, False, False), (True, False, False), (False, True, False),
+                                               (True, True, False), (True, False, True), (False, True, True)])
+def test_greedy_replay_matches_the_decode_loop_round_for_round(target, stop, lookup, vocab):
     """`dspark eval --replay` must count exactly the rounds DecodeLoop runs (same block, greedy),
-    with copies from the sequence (`--ngram-lookup`) as well."""
+    with copies from the sequence (`--ngram-lookup`) as well, and with a draft vocabulary (the
+    replay then projects onto it as the engine does)."""
     from drafter_svc.loading import draft_engine
     from verifier_svc.ngram_lookup import LookupConfig
     from verifier_svc.scheduler import SpsTable
@@ -409,6 +410,8 @@ def test_greedy_replay_matches_the_decode_loop_round_for_round(target, stop, loo
         drafter.markov_head.markov_w1.weight.fill_(1.0)
         drafter.markov_head.markov_w2.weight.zero_()
         drafter.markov_head.markov_w2.weight[favourite] = 50.0
+    if vocab:  # every third id and the favourite: the drafter can propose neither of the others
+        drafter.draft_vocab = torch.tensor(sorted(set(range(0, target.config.vocab_size, 3)) | {favourite}))
     cfg = LookupConfig(min_n=1, max_n=2) if lookup else None
     # flat costs: the scheduler keeps whole copies, which is what the replay assumes
     loop = DecodeLoop(engine, draft_engine(drafter), lookup=cfg, sps=SpsTable({1: 100.0, 16: 95.0}))

@@ -37,7 +37,8 @@ def greedy_rounds(model: DSparkDrafter, seq: CachedSequence, max_anchors: int = 
     block = model.config.block_size
     anchors, keep = sample_anchors(seq.loss_mask, max_anchors, gen, pad=False)
     labels, eval_mask, _ = block_targets(seq.input_ids, seq.loss_mask, anchors, keep, block)
-    out = model.forward_train(seq.features[None].float(), seq.input_ids[None], anchors[None], keep[None])
+    out = model.forward_train(seq.features[None].float(), seq.input_ids[None], anchors[None], keep[None],
+                              model.draft_vocab)
     pos = (anchors[:, None] + torch.arange(block)[None, :]).clamp(max=seq.input_ids.shape[0] - 1)
     target_top1 = seq.topk_ids[pos][..., 0]  # [N, B]
     drafts_t, conf = greedy_drafts(model, out, seq.input_ids[anchors])

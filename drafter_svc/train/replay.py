@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from drafter_svc.draft_vocab import DraftHeads
 from drafter_svc.dspark_model import DSparkDrafter, DSparkTrainOutput
 
 
@@ -41,25 +42,22 @@ class GreedyPath:
 def greedy_drafts(model: DSparkDrafter, out: DSparkTrainOutput, anchor_tokens: torch.Tensor):
     """Blocks drafted greedily from a teacher-forced `forward_train` output of one sequence ->
     (drafts [N, B], confidence logits [N, B] or None). Slot k takes the argmax of base logits +
-    Markov bias of the draft's own token k−1 (the anchor for slot 0), as the draft engine does."""
+    Markov bias of the draft's own token k−1 (the anchor for slot 0), as the draft engine does —
+    with the engine's own vocabulary projections (`DraftHeads`: over the draft vocabulary when the
+    model has one), from the backbone's hidden states. Only `out.hidden` is read, so callers pass
+    `vocab_ids=model.draft_vocab` to `forward_train` and skip its full-vocabulary logits (the
+    largest cost of a calibration or replay)."""
+    heads = DraftHeads(model, model.draft_vocab)
     h = out.hidden[0]  # [N, B, d]
-    base = out.logits[0]
-    if model.markov_head is not None:
-        base = base - model.markov_head.block_bias(out.prev_tokens, out.hidden)[0]  # the base logits lm_head(h) of every block
-    outside = None
-    if model.draft_vocab is not None:  # propose from the draft vocabulary only, as the engine does
-        outside = torch.ones(base.shape[-1], dtype=torch.bool, device=base.device)
-        outside[model.draft_vocab] = False
+    base = heads.logits(h)  # [N, B, V'] by draft-vocabulary slot
     prev = anchor_tokens
     state = None
     drafts, confs = [], []
     for k in range(model.config.block_size):
-        bias, state = model.markov_step(prev, h[:, k], state)
-        logits_k = base[:, k] if bias is None else base[:, k] + bias
-        if outside is not None:
-            logits_k = logits_k.masked_fill(outside, float("-inf"))
+        z, state = model.markov_features(prev, h[:, k], state)
+        logits_k = base[:, k] if z is None else base[:, k] + heads.markov_bias(z)
         confs.append(model.confidence_logits(h[:, k], prev))
-        prev = logits_k.argmax(-1)
+        prev = heads.token_ids(logits_k.argmax(-1))
         drafts.append(prev)
     conf = torch.stack(confs, 1) if confs[0] is not None else None
     return torch.stack(drafts, 1), conf
@@ -141,7 +139,8 @@ def replay_path(model: DSparkDrafter, path: GreedyPath, *, block_size: int, max_
     keep = torch.ones(n_anchor, dtype=torch.bool)
     if block_size > model.config.block_size:
         raise ValueError(f"block size {block_size} exceeds the drafter's {model.config.block_size}")
-    out = model.forward_train(path.features[None].to(model.dtype), ids[None], anchors[None], keep[None])
+    out = model.forward_train(path.features[None].to(model.dtype), ids[None], anchors[None], keep[None],
+                              model.draft_vocab)
     drafts, _ = greedy_drafts(model, out, ids[anchors])
     drafts = drafts.tolist()
     blocks = [block_size] * n_anchor
