@@ -34,6 +34,19 @@ CACHES7=${CACHES7:-"$R/cache_s4a $R/cache_s4b"}
 FIT_ARGS="--cache $R/cache --steps $STEPS --batch-seqs 1 --num-anchors 48 --block-size 7 --layers 2 --ckpt-every 50"
 mkdir -p $R/logs $EVAL_DIR docs/img
 
+continue_committed() {  # continue_committed SNAPSHOT CACHES LR OUT [fit args...]: warm start from the committed drafter
+  # snapshotted first: `export` overwrites models/dspark-smollm2-135m
+  mkdir -p $R/$1 && cp -n models/dspark-smollm2-135m/* $R/$1/
+  $PY -m dspark_common.cli train fit ${FIT_ARGS/--cache $R\/cache/--cache $2} --markov-rank 64 \
+    --init-from $R/$1 "${@:5}" --lr $3 --out $R/$4
+}
+
+finish_run() {  # finish_run FIT CACHES CURVES_PNG [extra curves dict]: calibrate, export the default drafter, loss curves
+  $PY -m dspark_common.cli train calibrate --cache $2 --run $R/$1 --plot docs/img/reliability.png
+  $PY -m dspark_common.cli train export --run $R/$1 --out models/dspark-smollm2-135m
+  $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/$1/log.jsonl', '$3'${4:+, $4})"
+}
+
 eval_run() {  # eval_run LABEL DRAFTER_DIR
   for t in $TEMPS; do
     if [[ "$t" == 0 ]]; then  # greedy: rounds replayed on the target's greedy path (exact, ~40x cheaper)
@@ -92,47 +105,30 @@ case "${1:-}" in
       --cache $R/cache_s4b > $R/logs/datagen.s4b.log 2>&1 &
     wait ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
-    mkdir -p $R/init7 && cp -n models/dspark-smollm2-135m/* $R/init7/
-    $PY -m dspark_common.cli train fit ${FIT_ARGS/--cache $R\/cache/--cache $CACHES7} --markov-rank 64 \
-      --init-from $R/init7 --draft-vocab $R/init7 --lr ${LR:-2e-4} --out $R/fit7 ;;
+    continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
-    $PY -m dspark_common.cli train calibrate --cache $CACHES7 --run $R/fit7 --plot docs/img/reliability.png
-    $PY -m dspark_common.cli train export --run $R/fit7 --out models/dspark-smollm2-135m
-    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit7/log.jsonl', 'docs/img/loss_curves_s4.png')" ;;
+    finish_run fit7 "$CACHES7" docs/img/loss_curves_s4.png ;;
   continue-vocab)  # the committed drafter (snapshot: export overwrites it), trained over its draft vocabulary
-    mkdir -p $R/init4 && cp -n models/dspark-smollm2-135m/* $R/init4/
-    $PY -m dspark_common.cli train fit ${FIT_ARGS/--cache $R\/cache/--cache $CACHES6} --markov-rank 64 \
-      --init-from $R/init4 --draft-vocab $R/init4 --lr ${LR:-3e-4} --out $R/fit4 ;;
+    continue_committed init4 "$CACHES6" ${LR:-3e-4} fit4 --draft-vocab $R/init4 ;;
   finish-vocab)
-    $PY -m dspark_common.cli train calibrate --cache $CACHES6 --run $R/fit4 --plot docs/img/reliability.png
-    $PY -m dspark_common.cli train export --run $R/fit4 --out models/dspark-smollm2-135m
-    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit4/log.jsonl', 'docs/img/loss_curves_vocab.png')" ;;
+    finish_run fit4 "$CACHES6" docs/img/loss_curves_vocab.png ;;
   continue-sampled)
-    mkdir -p $R/init3 && cp -n models/dspark-smollm2-135m/* $R/init3/
-    $PY -m dspark_common.cli train fit ${FIT_ARGS/--cache $R\/cache/--cache $R/cache_s} --markov-rank 64 \
-      --init-from $R/init3 --lr 2e-4 --out $R/fit3 ;;
+    continue_committed init3 $R/cache_s 2e-4 fit3 ;;
   finish-sampled)
-    $PY -m dspark_common.cli train calibrate --cache $R/cache_s --run $R/fit3 --plot docs/img/reliability.png
-    $PY -m dspark_common.cli train export --run $R/fit3 --out models/dspark-smollm2-135m
-    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit3/log.jsonl', 'docs/img/loss_curves_sampled.png')" ;;
+    finish_run fit3 $R/cache_s docs/img/loss_curves_sampled.png ;;
   vocab)  # after export: the draft vocabulary from every regenerated answer
     $PY -m dspark_common.cli train vocab --answers $R/data $R/data_s --checkpoint models/dspark-smollm2-135m \
       --size ${VOCAB_SIZE:-8192} ;;
   continue)  # warm start from the committed drafter (snapshotted: export overwrites it), lower peak lr
-    mkdir -p $R/init && cp -n models/dspark-smollm2-135m/* $R/init/
-    $PY -m dspark_common.cli train fit $FIT_ARGS --markov-rank 64 --init-from $R/init --lr 3e-4 --out $R/fit2 ;;
+    continue_committed init $R/cache 3e-4 fit2 ;;
   finish-continued)
-    $PY -m dspark_common.cli train calibrate --cache $R/cache --run $R/fit2 --plot docs/img/reliability.png
-    $PY -m dspark_common.cli train export --run $R/fit2 --out models/dspark-smollm2-135m
-    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit2/log.jsonl', 'docs/img/loss_curves_continued.png')" ;;
+    finish_run fit2 $R/cache docs/img/loss_curves_continued.png ;;
   cache)  # answers without a cache entry (e.g. written before --cache was used)
     $PY -m dspark_common.cli train cache --answers $R/data --out $R/cache --shard-size 32 --batch-size 8 --max-length 560 ;;
   fit)
     $PY -m dspark_common.cli train fit $FIT_ARGS --markov-rank 64 --out $R/fit ;;
   finish)  # calibrate, export the default drafter, loss curves
-    $PY -m dspark_common.cli train calibrate --cache $R/cache --run $R/fit --plot docs/img/reliability.png
-    $PY -m dspark_common.cli train export --run $R/fit --out models/dspark-smollm2-135m
-    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
+    finish_run fit $R/cache docs/img/loss_curves.png "{'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'}" ;;
   ablation)  # same recipe and budget, sequential head off (Markov rank 0)
     $PY -m dspark_common.cli train fit $FIT_ARGS --markov-rank 0 --out $R/fit_rank0
     $PY -m dspark_common.cli train export --run $R/fit_rank0 --out $R/export_rank0 --verify-with '' ;;
