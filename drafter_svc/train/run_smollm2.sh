@@ -12,6 +12,7 @@
 #   drafter_svc/train/run_smollm2.sh datagen-s2 | continue-vocab (+ datagen-s3 alongside) | finish-vocab | eval-dspark
 # Seventh session (a fresh checkout: no earlier caches), seed-4 sampled answers and a fourth continuation:
 #   drafter_svc/train/run_smollm2.sh datagen-s4 | continue-s4 | finish-s4 | eval-dspark
+#   drafter_svc/train/run_smollm2.sh datagen-s5 | datagen-s6 | continue-s5 | finish-s5   (eighth session)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -31,6 +32,8 @@ EVAL_FILES=${EVAL_FILES:-"$(ls ../shared/data/prompts/eval/*.jsonl 2>/dev/null |
 # sixth session's caches (read as one); cache_s3 joined the fit when it was restarted at step ~5500
 CACHES6=${CACHES6:-"$R/cache_s2a $R/cache_s2b $R/cache_s3"}
 CACHES7=${CACHES7:-"$R/cache_s4a $R/cache_s4b"}
+# eighth session: cache_s6 (datagen-s6, beside the fit) joined when the fit was restarted at step 8 650
+CACHES8=${CACHES8:-"$R/cache_s5a $R/cache_s5b $R/cache_s6"}
 FIT_ARGS="--cache $R/cache --steps $STEPS --batch-seqs 1 --num-anchors 48 --block-size 7 --layers 2 --ckpt-every 50"
 mkdir -p $R/logs $EVAL_DIR docs/img
 
@@ -104,6 +107,23 @@ case "${1:-}" in
       --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 4 --out $R/data_s4b \
       --cache $R/cache_s4b > $R/logs/datagen.s4b.log 2>&1 &
     wait ;;
+  datagen-s5)  # eighth session: seed 5; code on one core, chat then maths on the other, so the set stays
+    # balanced however early it is stopped (one shortest-first queue would answer gsm8k first)
+    $PY -m dspark_common.cli train datagen --prompts $TRAIN/livecodebench.jsonl --max-new-tokens 128 --batch-size 64 \
+      --threads 1 --sampling deepspec --seed 5 --out $R/data_s5a --cache $R/cache_s5a > $R/logs/datagen.s5a.log 2>&1 &
+    { for f in arena-hard-v2-head500 gsm8k-head1000; do
+        $PY -m dspark_common.cli train datagen --prompts $TRAIN/$f.jsonl --max-new-tokens 128 --batch-size 64 \
+          --threads 1 --sampling deepspec --seed 5 --out $R/data_s5b --cache $R/cache_s5b
+      done > $R/logs/datagen.s5b.log 2>&1; } &
+    wait ;;
+  datagen-s6)  # eighth session, one core beside the fit: seed 6, code and chat (the furthest from their floors)
+    $PY -m dspark_common.cli train datagen --prompts $TRAIN/livecodebench.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
+      --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 6 --out $R/data_s6 \
+      --cache $R/cache_s6 > $R/logs/datagen.s6.log 2>&1 ;;
+  continue-s5)  # eighth session: the committed drafter (snapshot init8) on datagen-s5's caches (read as they grow)
+    continue_committed init8 "$CACHES8" ${LR:-2e-4} fit8 --draft-vocab $R/init8 ;;
+  finish-s5)
+    finish_run fit8 "$CACHES8" docs/img/loss_curves_s5.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
@@ -140,5 +160,5 @@ case "${1:-}" in
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
 esac
