@@ -120,8 +120,10 @@ case "${1:-}" in
     $PY -m dspark_common.cli train datagen --prompts $TRAIN/livecodebench.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
       --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 6 --out $R/data_s6 \
       --cache $R/cache_s6 > $R/logs/datagen.s6.log 2>&1 ;;
-  continue-s5)  # eighth session: the committed drafter (snapshot init8) on datagen-s5's caches (read as they grow)
-    continue_committed init8 "$CACHES8" ${LR:-2e-4} fit8 --draft-vocab $R/init8 ;;
+  continue-s5)  # eighth session: the committed drafter (snapshot init8) on those of CACHES8 that exist when
+    # it (re)starts (read as they grow; re-run it once datagen-s6 has begun, as at step 8 650)
+    continue_committed init8 "$(for d in $CACHES8; do [[ -f $d/manifest.json ]] && echo -n "$d "; done)" \
+      ${LR:-2e-4} fit8 --draft-vocab $R/init8 ;;
   finish-s5)
     finish_run fit8 "$CACHES8" docs/img/loss_curves_s5.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
