@@ -1,5 +1,12 @@
 """Packed grouped-query attention for verify blocks (verifier_svc/packed_gqa_attention.py): the
-same logits as transformers' SDPA path, bitwise, without copying the KV cache."""
+same logits as transformers' SDPA path, without copying the KV cache.
+
+"The same" is bitwise on some CPUs (the seventh session's Xeon) and within one float32 ulp of the
+logits on others: on the eighth session's AMD EPYC, blocks of 2 and 3 tokens differed by at most
+9.5e-7 on logits of magnitude 5-12 (every other block size bitwise equal), because torch's CPU
+attention kernel tiles by the number of query rows (k rows per head there, groups * k packed here).
+Neither layout is bitwise equal to one-token decoding anyway (docs/LOSSLESSNESS.md, "batch
+invariance"); the output's exactness is guarded end to end by the losslessness tests."""
 
 from __future__ import annotations
 
@@ -31,8 +38,11 @@ def test_packed_attention_equals_sdpa_bitwise(kind: str) -> None:
     packed = _block_logits(model, ids, 40)
     model.set_attn_implementation("sdpa")
     reference = _block_logits(model, ids, 40)
+    assert torch.equal(packed[1], reference[1])  # one query: the packed path is SDPA's own call
     for a, b in zip(packed, reference):
-        assert torch.equal(a, b)
+        ulps = 4 * torch.finfo(torch.float32).eps * float(b.abs().max())
+        assert float((a - b).abs().max()) <= ulps
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 def test_blocks_never_repeat_the_kv_cache(monkeypatch: pytest.MonkeyPatch) -> None:
