@@ -15,6 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+STOP_MARGIN_S = 10.0  # beyond the grace period, how long a stop waits for grpc.aio to confirm it
+
 
 def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     """Channel/server options bounding both directions' message size."""
@@ -57,10 +59,20 @@ class GrpcServer:
         return self.port
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        if self.server is not None:
-            await self.health.enter_graceful_shutdown()
-            await self.server.stop(grace)
-            self.server = None
+        """Refuse new calls, give running ones `grace` seconds, then cancel them. Bounded: grpc.aio
+        can lose the core's shutdown notice and then waits for it forever (grpc/grpc#28999);
+        a service that is told to stop must stop, so past the grace and a margin it gives up on
+        the notice, and says so."""
+        if self.server is None:
+            return
+        server, self.server = self.server, None
+        await self.health.enter_graceful_shutdown()
+        limit = (grace or 0.0) + STOP_MARGIN_S
+        try:
+            await asyncio.wait_for(server.stop(grace), limit)
+        except asyncio.TimeoutError:
+            log.error("gRPC server on %s did not confirm its shutdown within %.1f s; going on without it",
+                      self._address, limit)
 
 
 async def serve_until_signal(stop: Callable[[], Any]) -> None:

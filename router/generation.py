@@ -297,16 +297,11 @@ class _Run:
                                     ctl.note_block(int(k), r.proposed, p.max_tokens - before - 1)
                                 settle = max(0, settle - 1)
                                 new = ctl.observe(scheduled=r.scheduled, accepted=r.accepted)
-                                # The verifier ends the stream after a round that reaches the budget
-                                # or a stop token; a write racing that end fails in grpc.aio with
-                                # INTERNAL "Internal error from Core", which overwrites the call's
-                                # real status (grpc/grpc#36066) and would be taken for a lost
-                                # verifier: a needless failover that leaves the finished session's
-                                # KV kept twice. A new draft length is of no use there anyway.
+                                # No use for a new draft length once the budget or a stop token
+                                # is reached: the verifier is sending its Summary.
                                 ending = len(self.generated) >= p.max_tokens or any(
                                     t in svc.tokenizer.stop_ids for t in tokens)
-                                if new is not None and not ending:
-                                    await stream.set_draft_length(new)
+                                if new is not None and not ending and await stream.set_draft_length(new):
                                     k, settle = new, 2
                                     svc.metrics.draft_length_changes.inc()
                         piece = text.push(tokens)

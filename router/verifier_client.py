@@ -4,6 +4,7 @@ bidirectional Decode call that the router steers (draft length, cancel) while re
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -45,8 +46,18 @@ class DecodeStream:
         ev = await self._call.read()
         return None if ev is grpc.aio.EOF else ev
 
-    async def set_draft_length(self, k: int | str) -> None:
-        await self._call.write(verifier_pb2.DecodeRequest(set_draft_length=draft_length_proto(k)))
+    async def set_draft_length(self, k: int | str) -> bool:
+        """Ask for draft length `k` from the next round on; False when the call is ending (the
+        next `read` says how it ended). A write that races the end is dropped rather than
+        raised: grpc.aio would report that race as the call's status (INTERNAL)."""
+        if self._closed or self._call.done():
+            return False
+        try:
+            await self._call.write(verifier_pb2.DecodeRequest(set_draft_length=draft_length_proto(k)))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+            log.debug("draft length write to %s dropped: %s", self.address, e)
+            return False
+        return True
 
     async def finish(self) -> None:
         """The Summary arrived: close our side."""

@@ -172,6 +172,31 @@ async def test_cancel_frees_kv_on_both_services(stack):
     await wait_for(lambda: _sessions(stub, dstub, (0, 0)))
 
 
+async def test_control_write_after_the_summary_leaves_the_status_ok(stack):
+    """A router may send a draft-length change just as the verifier sends its last round: the
+    verifier keeps the call open until the client half-closes, so such a write still lands and
+    the call ends OK. (Ending first made grpc.aio fail the write with INTERNAL and report that
+    as the call's status, grpc/grpc#36066: the router took it for a lost verifier.)"""
+    target, d, v, stub, dstub = stack
+    prompt = prompts(1, seed=6)[0]
+    call = stub.Decode()
+    await call.write(open_msg(prompt, MAX_NEW, 4))
+    tokens, summary = [], None
+    while summary is None:
+        ev = await call.read()
+        assert ev is not grpc.aio.EOF
+        if ev.WhichOneof("kind") == "round":
+            tokens += ev.round.tokens
+        elif ev.WhichOneof("kind") == "summary":
+            summary = ev.summary
+    await asyncio.sleep(0.2)  # long enough for a verifier that does not wait to have ended the call
+    await call.write(verifier_pb2.DecodeRequest(set_draft_length=verifier_pb2.DraftLength(tokens=2)))
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+    assert tokens == target_only(target, prompt, MAX_NEW) and summary.finish_reason == "length"
+
+
 async def test_remote_proposals_match_the_in_process_drafter():
     """The context crosses the wire intact: projected fp16 features appended through the Draft
     stream (riding on draft requests, and resent in full after the drafter restarts) give the

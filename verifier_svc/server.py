@@ -45,6 +45,11 @@ from verifier_svc.target_engine import TargetEngine
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "dspark.v1.Verifier"
+# After the Summary, how long Decode waits for the client to half-close before it ends the call.
+# Ending it first races any control message the client sends meanwhile: grpc.aio fails such a
+# write with INTERNAL "Internal error from Core" and overwrites the call's OK status with it
+# (grpc/grpc#36066), which a router takes for a lost verifier.
+HALF_CLOSE_WAIT_S = 2.0
 _tracer = tracing.tracer("verifier")
 
 
@@ -286,6 +291,7 @@ class VerifierService(verifier_pb2_grpc.VerifierServicer):
                 generated_tokens=len(s.output), seconds=time.perf_counter() - t0,
                 handle=self._handle(sid, entry) if kept else None,
             ))
+            await asyncio.wait({control}, timeout=HALF_CLOSE_WAIT_S)  # `_control` returns at the half-close
         except DSparkError as e:
             await abort(context, e)
         finally:

@@ -116,6 +116,14 @@ case "${1:-}" in
           --threads 1 --sampling deepspec --seed 5 --out $R/data_s5b --cache $R/cache_s5b
       done > $R/logs/datagen.s5b.log 2>&1; } &
     wait ;;
+  datagen-s7)  # ninth session, one core (the other debugs CI): seed 7, 250-prompt slices of code, chat and
+    # maths in turn (one cache each), so the set stays balanced however early it is stopped
+    { for at in 0 250 500 750 1000; do for f in livecodebench arena-hard-v2-head500 gsm8k-head1000; do
+        [[ $at -lt $(wc -l < $TRAIN/$f.jsonl) ]] || continue
+        $PY -m dspark_common.cli train datagen --prompts $TRAIN/$f.jsonl --max-new-tokens 128 --batch-size 64 \
+          --limit $((at + 250)) --skip $at --threads 1 --sampling deepspec --seed 7 \
+          --out $R/data_s7/$f.$at --cache $R/cache_s7/$f.$at
+      done; done > $R/logs/datagen.s7.log 2>&1; } ;;
   datagen-s6)  # eighth session, one core beside the fit: seed 6, code and chat (the furthest from their floors)
     $PY -m dspark_common.cli train datagen --prompts $TRAIN/livecodebench.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
       --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 6 --out $R/data_s6 \
