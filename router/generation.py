@@ -227,11 +227,8 @@ class _Run:
         k: int | str = p.draft_length
         svc.metrics.prompt_tokens.inc(len(p.prompt_ids))
         while finish is None:
-            if self.generated and self.generated[-1] in svc.tokenizer.stop_ids:
-                finish = "stop"  # lost right after the last token: nothing left to ask for
-                break
-            if len(self.generated) >= p.max_tokens:
-                finish = "length"
+            finish = self._ended()  # lost right after the last token: nothing left to ask for
+            if finish is not None:
                 break
             rep: Replica | None
             if reuse is not None:
@@ -299,8 +296,7 @@ class _Run:
                                 new = ctl.observe(scheduled=r.scheduled, accepted=r.accepted)
                                 # No use for a new draft length once the budget or a stop token
                                 # is reached: the verifier is sending its Summary.
-                                ending = len(self.generated) >= p.max_tokens or any(
-                                    t in svc.tokenizer.stop_ids for t in tokens)
+                                ending = self._ended() is not None or any(t in svc.tokenizer.stop_ids for t in tokens)
                                 if new is not None and not ending and await stream.set_draft_length(new):
                                     k, settle = new, 2
                                     svc.metrics.draft_length_changes.inc()
@@ -353,6 +349,14 @@ class _Run:
         spec["failovers"] = self.failovers
         yield Finished(finish, len(p.prompt_ids), len(self.generated), spec, self.stats, p.session_id, k,
                        self.cached_tokens)
+
+    def _ended(self) -> str | None:
+        """The finish reason the tokens so far already decide (a stop token last, or the budget)."""
+        if self.generated and self.generated[-1] in self.svc.tokenizer.stop_ids:
+            return "stop"
+        if len(self.generated) >= self.p.max_tokens:
+            return "length"
+        return None
 
     def _count(self, r: verifier_pb2.Round, tokens: list[int]) -> None:
         rs = RoundStats(proposed=r.proposed, scheduled=r.scheduled, accepted=r.accepted, tokens=tokens,

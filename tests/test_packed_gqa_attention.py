@@ -30,7 +30,7 @@ def _block_logits(model, ids: list[int], prefix: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_packed_attention_equals_sdpa_bitwise(kind: str) -> None:
+def test_packed_attention_equals_sdpa(kind: str) -> None:
     model = tiny_target(kind)
     assert model.config._attn_implementation == packed_gqa_attention.NAME  # load_target installs it
     assert model.config.num_attention_heads > model.config.num_key_value_heads  # GQA: the packed path runs

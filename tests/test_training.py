@@ -3,6 +3,7 @@ export through the DeepSpec-format loader, STS calibration, eval arithmetic."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from drafter_svc import draft_vocab
 from drafter_svc.checkpoint import FROZEN_KEYS, WEIGHTS_NAME, load_checkpoint
 from drafter_svc.loading import default_layer_ids
 from drafter_svc.train.cache import CacheReader, build_cache
+from drafter_svc.train.data import read_answers
 from drafter_svc.train.calibrate import calibrate, greedy_rounds
 from drafter_svc.train.evaluate import RoundOutcome, evaluate, summarize
 from drafter_svc.train.evaluate import outcome_of as outcome_of_round
@@ -121,6 +123,14 @@ def test_cache_build_resumes_without_redoing(target, cache_dir):
     added = build_cache(target, cache_dir.parent / "answers.jsonl", cache_dir,
                         CacheReader(cache_dir).manifest["target_layer_ids"], top_k=8, progress=False)
     assert added == 0
+
+
+def test_archived_answers_read_as_the_datagen_output(cache_dir, tmp_path):
+    """`data/answers/` keeps datagen output gzipped, so a later session rebuilds the target cache
+    with one forward per sequence instead of regenerating the answers."""
+    plain = cache_dir.parent / "answers.jsonl"
+    (tmp_path / "answers.0.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    assert read_answers(tmp_path) == read_answers(plain)
 
 
 # ------------------------------------------------------------------ fit

@@ -8,6 +8,7 @@ the drafter must learn to propose the stop token). Rows whose answer is shorter 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from dataclasses import dataclass
@@ -35,9 +36,16 @@ def split_of(key: str, heldout_percent: int = HELDOUT_PERCENT) -> str:
 
 
 def answer_files(path: str | Path) -> list[Path]:
-    """An answers file, or every `answers*.jsonl` of a datagen directory (one per datagen shard)."""
+    """An answers file, or every `answers*.jsonl` (or `.jsonl.gz`, as archived under
+    `data/answers/`) of a datagen directory (one per datagen shard)."""
     path = Path(path)
-    return sorted(path.glob("answers*.jsonl")) if path.is_dir() else [path]
+    if not path.is_dir():
+        return [path]
+    return sorted([*path.glob("answers*.jsonl"), *path.glob("answers*.jsonl.gz")])
+
+
+def _read_text(f: Path) -> str:
+    return gzip.decompress(f.read_bytes()).decode() if f.suffix == ".gz" else f.read_text()
 
 
 def read_answers(path: str | Path, *, max_length: int = 0, min_loss_tokens: int = MIN_LOSS_TOKENS) -> list[Sequence]:
@@ -46,7 +54,7 @@ def read_answers(path: str | Path, *, max_length: int = 0, min_loss_tokens: int 
     first)."""
     out: list[Sequence] = []
     seen: set[str] = set()
-    lines = [l for f in answer_files(path) for l in f.read_text().split("\n")]
+    lines = [l for f in answer_files(path) for l in _read_text(f).split("\n")]
     for line in lines:
         if not line.strip():
             continue

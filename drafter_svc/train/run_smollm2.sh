@@ -13,6 +13,8 @@
 # Seventh session (a fresh checkout: no earlier caches), seed-4 sampled answers and a fourth continuation:
 #   drafter_svc/train/run_smollm2.sh datagen-s4 | continue-s4 | finish-s4 | eval-dspark
 #   drafter_svc/train/run_smollm2.sh datagen-s5 | datagen-s6 | continue-s5 | finish-s5   (eighth session)
+#   drafter_svc/train/run_smollm2.sh datagen-s7 | continue-s7 | finish-s7 | archive-s7   (ninth session)
+#   (a later session: cache-archived rebuilds caches from data/answers/ without regenerating)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -48,6 +50,10 @@ finish_run() {  # finish_run FIT CACHES CURVES_PNG [extra curves dict]: calibrat
   $PY -m dspark_common.cli train calibrate --cache $2 --run $R/$1 --plot docs/img/reliability.png
   $PY -m dspark_common.cli train export --run $R/$1 --out models/dspark-smollm2-135m
   $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/$1/log.jsonl', '$3'${4:+, $4})"
+}
+
+caches_s7() {  # the seed-7 slices cached so far (a slice in progress is read as it grows)
+  for d in $R/cache_s7/*; do [[ -f $d/manifest.json ]] && echo -n "$d "; done
 }
 
 eval_run() {  # eval_run LABEL DRAFTER_DIR
@@ -134,6 +140,23 @@ case "${1:-}" in
       ${LR:-2e-4} fit8 --draft-vocab $R/init8 ;;
   finish-s5)
     finish_run fit8 "$CACHES8" docs/img/loss_curves_s5.png ;;
+  archive-s7)  # keep this session's answers (gzipped token ids, ~0.5 MB per 250): runs/ is not committed,
+    # and rebuilding a cache from answers (`cache-archived`) is ~10x cheaper than regenerating them
+    for d in $R/data_s7/*/; do
+      n=$(basename $d); mkdir -p data/answers/s7/$n
+      for f in $d/answers*.jsonl; do gzip -9 -c $f > data/answers/s7/$n/$(basename $f).gz; done
+    done ;;
+  cache-archived)  # a target cache for every archived answer set not cached yet (one forward per sequence)
+    for d in data/answers/*/*/; do
+      n=$(basename $(dirname $d)).$(basename $d)
+      $PY -m dspark_common.cli train cache --answers $d --out $R/cache_archived/$n --shard-size 32 --batch-size 8 \
+        --max-length 560
+    done > $R/logs/cache_archived.log 2>&1 ;;
+  continue-s7)  # ninth session: the committed drafter (snapshot init9) on the seed-7 slices begun when it
+    # (re)starts (re-run it as datagen-s7 adds slices)
+    continue_committed init9 "$(caches_s7)" ${LR:-2e-4} fit9 --draft-vocab $R/init9 ;;
+  finish-s7)
+    finish_run fit9 "$(caches_s7)" docs/img/loss_curves_s7.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
@@ -170,5 +193,5 @@ case "${1:-}" in
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|datagen-s7|archive-s7|cache-archived|continue-s7|finish-s7|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
 esac
