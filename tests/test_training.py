@@ -147,6 +147,12 @@ def test_several_caches_read_as_one(target, cache_dir, tmp_path):
     assert both.keys == sorted([f"0:{k}" for k in one.keys] + [f"1:{k}" for k in two.keys])
     assert torch.equal(both.get("1:toy:3").input_ids, two.get("toy:3").input_ids)
     Trainer(target, [cache_dir, tmp_path / "c2"], tmp_path / "run", options(steps=2), progress=False).fit()
+    # Resumed over the caches in another order (keys name positions): the checkpoint's epoch order
+    # no longer matches, so the run starts a new order instead of failing on a missing key.
+    resumed = Trainer(target, [tmp_path / "c2"], tmp_path / "run", options(steps=4), progress=False)
+    assert resumed.step == 2 and resumed.order == []
+    resumed.fit()
+    assert resumed.step == 4
     build_cache(target, tmp_path / "answers.jsonl", tmp_path / "c3", layers, top_k=4, batch_size=4, shard_size=4,
                 progress=False)
     with pytest.raises(Exception, match="top_k"):

@@ -229,6 +229,11 @@ class Trainer:
             torch.set_rng_state(state["torch_rng"])
             random.setstate(state["py_rng"])
             log.info("resumed %s at step %d", self.run_dir, self.step)
+            gone = [k for k in self.order[self.pos:] if k not in self.reader.index]
+            if gone:  # the caches given now differ from those of the checkpoint (keys name positions)
+                log.warning("%d keys of the checkpoint's epoch order are not in the caches given now "
+                            "(e.g. %s): starting a new order over these caches", len(gone), gone[0])
+                self.order, self.pos = [], 0
             # log lines past the checkpoint belong to steps that will be redone
             self._truncate_log(self.step)
         else:

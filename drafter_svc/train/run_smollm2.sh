@@ -52,8 +52,9 @@ finish_run() {  # finish_run FIT CACHES CURVES_PNG [extra curves dict]: calibrat
   $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/$1/log.jsonl', '$3'${4:+, $4})"
 }
 
-caches_s7() {  # the seed-7 slices cached so far (a slice in progress is read as it grows)
-  for d in $R/cache_s7/*; do [[ -f $d/manifest.json ]] && echo -n "$d "; done
+caches_s7() {  # the seed-7 slices cached so far (one in progress is read as it grows), oldest first:
+  # a restarted fit then sees the earlier caches at the same positions (keys are "position:prompt")
+  for d in $(ls -dtr $R/cache_s7/*/ 2>/dev/null); do [[ -f $d/manifest.json ]] && echo -n "${d%/} "; done
 }
 
 eval_run() {  # eval_run LABEL DRAFTER_DIR
