@@ -146,6 +146,7 @@ case "${1:-}" in
     for d in $R/data_s7/*/; do
       n=$(basename $d); mkdir -p data/answers/s7/$n
       for f in $d/answers*.jsonl; do gzip -9 -c $f > data/answers/s7/$n/$(basename $f).gz; done
+      cp $d/datagen_config.json data/answers/s7/$n/
     done ;;
   cache-archived)  # a target cache for every archived answer set not cached yet (one forward per sequence)
     for d in data/answers/*/*/; do
