@@ -52,9 +52,17 @@ finish_run() {  # finish_run FIT CACHES CURVES_PNG [extra curves dict]: calibrat
   $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/$1/log.jsonl', '$3'${4:+, $4})"
 }
 
+datagen_run() {  # datagen_run ARGS...: `dspark train datagen` with every stage's length cap, batch and one thread
+  $PY -m dspark_common.cli train datagen --max-new-tokens 128 --batch-size 64 --threads 1 "$@"
+}
+
+existing_caches() {  # existing_caches DIR...: those DIRs a cache build has begun in (manifest written)
+  for d in "$@"; do [[ -f ${d%/}/manifest.json ]] && echo -n "${d%/} "; done
+}
+
 caches_s7() {  # the seed-7 slices cached so far (one in progress is read as it grows), oldest first:
   # a restarted fit then sees the earlier caches at the same positions (keys are "position:prompt")
-  for d in $(ls -dtr $R/cache_s7/*/ 2>/dev/null); do [[ -f $d/manifest.json ]] && echo -n "${d%/} "; done
+  existing_caches $(ls -dtr $R/cache_s7/*/ 2>/dev/null)
 }
 
 eval_run() {  # eval_run LABEL DRAFTER_DIR
@@ -73,71 +81,71 @@ eval_run() {  # eval_run LABEL DRAFTER_DIR
 case "${1:-}" in
   datagen)  # greedy answers + their target cache in one pass, two shards side by side (resumable)
     for i in 0 1; do
-      $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
-        $TRAIN/arena-hard-v2-head500.jsonl --limit 2400 --max-new-tokens 128 --batch-size 64 --threads 1 \
+      datagen_run --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
+        $TRAIN/arena-hard-v2-head500.jsonl --limit 2400 \
         --sampling greedy --shard $i/2 --out $R/data --cache $R/cache > $R/logs/datagen.$i.log 2>&1 &
     done
     wait ;;
   datagen-more)  # prompts 1600..2554 of the same interleaved list (new to the drafter) + arena-hard again
     for i in 0 1; do
-      $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
-        $TRAIN/arena-hard-v2-head500.jsonl --limit 2555 --skip 1600 --max-new-tokens 128 --batch-size 64 --threads 1 \
+      datagen_run --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
+        $TRAIN/arena-hard-v2-head500.jsonl --limit 2555 --skip 1600 \
         --sampling greedy --shard $i/2 --out $R/data --cache $R/cache > $R/logs/datagen.$i.log 2>&1 &
     done
     wait
-    $PY -m dspark_common.cli train datagen --prompts $TRAIN/arena-hard-v2-head500.jsonl --limit ${ARENA:-250} \
-      --max-new-tokens 128 --batch-size 64 --threads 1 --sampling greedy --out $R/data_arena --cache $R/cache \
+    datagen_run --prompts $TRAIN/arena-hard-v2-head500.jsonl --limit ${ARENA:-250} \
+      --sampling greedy --out $R/data_arena --cache $R/cache \
       > $R/logs/datagen.arena.log 2>&1 ;;
   datagen-300)  # the first 300 interleaved prompts, greedy, one process (fourth session: vocabulary counts)
-    $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
-      $TRAIN/arena-hard-v2-head500.jsonl --limit 300 --max-new-tokens 128 --batch-size 64 --threads 1 \
+    datagen_run --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
+      $TRAIN/arena-hard-v2-head500.jsonl --limit 300 \
       --sampling greedy --out $R/data --cache $R/cache > $R/logs/datagen.vocab.log 2>&1 ;;
   datagen-sampled)  # temperature 0.7 / top-p 0.8 / top-k 20 answers: new sequences for prompts already seen
-    $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
-      --limit 2055 --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 1 \
+    datagen_run --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/livecodebench.jsonl \
+      --limit 2055 --sampling deepspec --seed 1 \
       --out $R/data_s --cache $R/cache_s > $R/logs/datagen.s.log 2>&1 ;;
   datagen-s3)  # once datagen-s2 is done and a core is free: more sampled answers (seed 3), one process
-    $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
-      $TRAIN/livecodebench.jsonl --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 3 \
+    datagen_run --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
+      $TRAIN/livecodebench.jsonl --sampling deepspec --seed 3 \
       --out $R/data_s3 --cache $R/cache_s3 > $R/logs/datagen.s3.log 2>&1 ;;
   datagen-s2)  # two processes side by side, each with its own cache: code / chat + math
-    $PY -m dspark_common.cli train datagen --prompts $TRAIN/livecodebench.jsonl --max-new-tokens 128 --batch-size 64 \
-      --threads 1 --sampling deepspec --seed 2 --out $R/data_s2a --cache $R/cache_s2a > $R/logs/datagen.s2a.log 2>&1 &
-    $PY -m dspark_common.cli train datagen --prompts $TRAIN/arena-hard-v2-head500.jsonl $TRAIN/gsm8k-head1000.jsonl \
-      --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 2 --out $R/data_s2b \
+    datagen_run --prompts $TRAIN/livecodebench.jsonl \
+      --sampling deepspec --seed 2 --out $R/data_s2a --cache $R/cache_s2a > $R/logs/datagen.s2a.log 2>&1 &
+    datagen_run --prompts $TRAIN/arena-hard-v2-head500.jsonl $TRAIN/gsm8k-head1000.jsonl \
+      --sampling deepspec --seed 2 --out $R/data_s2b \
       --cache $R/cache_s2b > $R/logs/datagen.s2b.log 2>&1 &
     wait ;;
   datagen-s4)  # seventh session: seed 4, as datagen-s2 (a fresh checkout has no earlier caches: runs/ is not committed)
-    $PY -m dspark_common.cli train datagen --prompts $TRAIN/livecodebench.jsonl --max-new-tokens 128 --batch-size 64 \
-      --threads 1 --sampling deepspec --seed 4 --out $R/data_s4a --cache $R/cache_s4a > $R/logs/datagen.s4a.log 2>&1 &
-    $PY -m dspark_common.cli train datagen --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
-      --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 4 --out $R/data_s4b \
+    datagen_run --prompts $TRAIN/livecodebench.jsonl \
+      --sampling deepspec --seed 4 --out $R/data_s4a --cache $R/cache_s4a > $R/logs/datagen.s4a.log 2>&1 &
+    datagen_run --prompts $TRAIN/gsm8k-head1000.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
+      --sampling deepspec --seed 4 --out $R/data_s4b \
       --cache $R/cache_s4b > $R/logs/datagen.s4b.log 2>&1 &
     wait ;;
   datagen-s5)  # eighth session: seed 5; code on one core, chat then maths on the other, so the set stays
     # balanced however early it is stopped (one shortest-first queue would answer gsm8k first)
-    $PY -m dspark_common.cli train datagen --prompts $TRAIN/livecodebench.jsonl --max-new-tokens 128 --batch-size 64 \
-      --threads 1 --sampling deepspec --seed 5 --out $R/data_s5a --cache $R/cache_s5a > $R/logs/datagen.s5a.log 2>&1 &
+    datagen_run --prompts $TRAIN/livecodebench.jsonl \
+      --sampling deepspec --seed 5 --out $R/data_s5a --cache $R/cache_s5a > $R/logs/datagen.s5a.log 2>&1 &
     { for f in arena-hard-v2-head500 gsm8k-head1000; do
-        $PY -m dspark_common.cli train datagen --prompts $TRAIN/$f.jsonl --max-new-tokens 128 --batch-size 64 \
-          --threads 1 --sampling deepspec --seed 5 --out $R/data_s5b --cache $R/cache_s5b
+        datagen_run --prompts $TRAIN/$f.jsonl \
+          --sampling deepspec --seed 5 --out $R/data_s5b --cache $R/cache_s5b
       done > $R/logs/datagen.s5b.log 2>&1; } &
     wait ;;
   datagen-s7)  # ninth session, one core (the other debugs CI): seed 7, 250-prompt slices of code, chat and
     # maths in turn (one cache each), so the set stays balanced however early it is stopped
     { for at in 0 250 500 750 1000; do for f in livecodebench arena-hard-v2-head500 gsm8k-head1000; do
         [[ $at -lt $(wc -l < $TRAIN/$f.jsonl) ]] || continue
-        $PY -m dspark_common.cli train datagen --prompts $TRAIN/$f.jsonl --max-new-tokens 128 --batch-size 64 \
-          --limit $((at + 250)) --skip $at --threads 1 --sampling deepspec --seed 7 \
+        datagen_run --prompts $TRAIN/$f.jsonl \
+          --limit $((at + 250)) --skip $at --sampling deepspec --seed 7 \
           --out $R/data_s7/$f.$at --cache $R/cache_s7/$f.$at
       done; done > $R/logs/datagen.s7.log 2>&1; } ;;
   datagen-s6)  # eighth session, one core beside the fit: seed 6, code and chat (the furthest from their floors)
-    $PY -m dspark_common.cli train datagen --prompts $TRAIN/livecodebench.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
-      --max-new-tokens 128 --batch-size 64 --threads 1 --sampling deepspec --seed 6 --out $R/data_s6 \
+    datagen_run --prompts $TRAIN/livecodebench.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
+      --sampling deepspec --seed 6 --out $R/data_s6 \
       --cache $R/cache_s6 > $R/logs/datagen.s6.log 2>&1 ;;
   continue-s5)  # eighth session: the committed drafter (snapshot init8) on those of CACHES8 that exist when
     # it (re)starts (read as they grow; re-run it once datagen-s6 has begun, as at step 8 650)
-    continue_committed init8 "$(for d in $CACHES8; do [[ -f $d/manifest.json ]] && echo -n "$d "; done)" \
+    continue_committed init8 "$(existing_caches $CACHES8)" \
       ${LR:-2e-4} fit8 --draft-vocab $R/init8 ;;
   finish-s5)
     finish_run fit8 "$CACHES8" docs/img/loss_curves_s5.png ;;
