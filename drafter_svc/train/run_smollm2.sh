@@ -15,6 +15,7 @@
 #   drafter_svc/train/run_smollm2.sh datagen-s5 | datagen-s6 | continue-s5 | finish-s5   (eighth session)
 #   drafter_svc/train/run_smollm2.sh datagen-s7 | continue-s7 | finish-s7 | archive-s7   (ninth session)
 #   (a later session: cache-archived rebuilds caches from data/answers/ without regenerating)
+#   drafter_svc/train/run_smollm2.sh datagen-seed | cache-archived | continue-s8 | finish-s8 | archive-seed   (tenth)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -60,9 +61,14 @@ existing_caches() {  # existing_caches DIR...: those DIRs a cache build has begu
   for d in "$@"; do [[ -f ${d%/}/manifest.json ]] && echo -n "${d%/} "; done
 }
 
-caches_s7() {  # the seed-7 slices cached so far (one in progress is read as it grows), oldest first:
-  # a restarted fit then sees the earlier caches at the same positions (keys are "position:prompt")
-  existing_caches $(ls -dtr $R/cache_s7/*/ 2>/dev/null)
+caches_seed() {  # caches_seed SEED: that seed's slices cached so far (one in progress is read as it grows),
+  # oldest first: a restarted fit then sees the earlier caches at the same positions (keys are "position:prompt")
+  existing_caches $(ls -dtr $R/cache_s$1/*/ 2>/dev/null)
+}
+caches_s7() { caches_seed 7; }
+
+caches_archived() {  # the caches rebuilt from data/answers/ (cache-archived), in name order
+  existing_caches $(ls -d $R/cache_archived/*/ 2>/dev/null)
 }
 
 eval_run() {  # eval_run LABEL DRAFTER_DIR
@@ -131,6 +137,13 @@ case "${1:-}" in
           --sampling deepspec --seed 5 --out $R/data_s5b --cache $R/cache_s5b
       done > $R/logs/datagen.s5b.log 2>&1; } &
     wait ;;
+  datagen-seed)  # tenth session on: datagen-s7's slices with another seed (SEED, default 8)
+    { for at in 0 250 500 750 1000; do for f in livecodebench arena-hard-v2-head500 gsm8k-head1000; do
+        [[ $at -lt $(wc -l < $TRAIN/$f.jsonl) ]] || continue
+        datagen_run --prompts $TRAIN/$f.jsonl \
+          --limit $((at + 250)) --skip $at --sampling deepspec --seed ${SEED:-8} \
+          --out $R/data_s${SEED:-8}/$f.$at --cache $R/cache_s${SEED:-8}/$f.$at
+      done; done > $R/logs/datagen.s${SEED:-8}.log 2>&1; } ;;
   datagen-s7)  # ninth session, one core (the other debugs CI): seed 7, 250-prompt slices of code, chat and
     # maths in turn (one cache each), so the set stays balanced however early it is stopped
     { for at in 0 250 500 750 1000; do for f in livecodebench arena-hard-v2-head500 gsm8k-head1000; do
@@ -149,12 +162,13 @@ case "${1:-}" in
       ${LR:-2e-4} fit8 --draft-vocab $R/init8 ;;
   finish-s5)
     finish_run fit8 "$CACHES8" docs/img/loss_curves_s5.png ;;
-  archive-s7)  # keep this session's answers (gzipped token ids, ~0.5 MB per 250): runs/ is not committed,
+  archive-s7|archive-seed)  # (archive-seed: SEED, default 8) keep this session's answers (gzipped token ids, ~0.5 MB per 250): runs/ is not committed,
     # and rebuilding a cache from answers (`cache-archived`, ~1 s a sequence) beats regenerating them (~1.8 s)
-    for d in $R/data_s7/*/; do
-      n=$(basename $d); mkdir -p data/answers/s7/$n
-      for f in $d/answers*.jsonl; do gzip -9 -c $f > data/answers/s7/$n/$(basename $f).gz; done
-      cp $d/datagen_config.json data/answers/s7/$n/
+    s=$([[ $1 == archive-s7 ]] && echo 7 || echo ${SEED:-8})
+    for d in $R/data_s$s/*/; do
+      n=$(basename $d); mkdir -p data/answers/s$s/$n
+      for f in $d/answers*.jsonl; do gzip -9 -c $f > data/answers/s$s/$n/$(basename $f).gz; done
+      cp $d/datagen_config.json data/answers/s$s/$n/
     done ;;
   cache-archived)  # a target cache for every archived answer set not cached yet (one forward per sequence)
     for d in data/answers/*/*/; do
@@ -167,6 +181,11 @@ case "${1:-}" in
     continue_committed init9 "$(caches_s7)" ${LR:-2e-4} fit9 --draft-vocab $R/init9 ;;
   finish-s7)
     finish_run fit9 "$(caches_s7)" docs/img/loss_curves_s7.png ;;
+  continue-s8)  # tenth session: the committed drafter (snapshot init10) on every archived cache (seed 7) and
+    # the seed-8 slices begun when it (re)starts (re-run it as datagen-seed adds slices)
+    continue_committed init10 "$(caches_archived)$(caches_seed 8)" ${LR:-2e-4} fit10 --draft-vocab $R/init10 ;;
+  finish-s8)
+    finish_run fit10 "$(caches_archived)$(caches_seed 8)" docs/img/loss_curves_s8.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
@@ -203,5 +222,5 @@ case "${1:-}" in
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|datagen-s7|archive-s7|cache-archived|continue-s7|finish-s7|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|datagen-s7|archive-s7|cache-archived|continue-s7|finish-s7|datagen-seed|archive-seed|continue-s8|finish-s8|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
 esac
