@@ -170,12 +170,13 @@ case "${1:-}" in
       for f in $d/answers*.jsonl; do gzip -9 -c $f > data/answers/s$s/$n/$(basename $f).gz; done
       cp $d/datagen_config.json data/answers/s$s/$n/
     done ;;
-  cache-archived)  # a target cache for every archived answer set not cached yet (one forward per sequence)
-    for d in data/answers/*/*/; do
+  cache-archived)  # a target cache for every archived answer set not cached yet (one forward per sequence);
+    # SETS=s7 / SETS=s8 run two sets side by side, one core each (~1 h per 2 555 answers on one core)
+    for d in data/answers/${SETS:-*}/*/; do
       n=$(basename $(dirname $d)).$(basename $d)
       $PY -m dspark_common.cli train cache --answers $d --out $R/cache_archived/$n --shard-size 32 --batch-size 8 \
         --max-length 560
-    done > $R/logs/cache_archived.log 2>&1 ;;
+    done > $R/logs/cache_archived${SETS:+.$SETS}.log 2>&1 ;;
   continue-s7)  # ninth session: the committed drafter (snapshot init9) on the seed-7 slices begun when it
     # (re)starts (re-run it as datagen-s7 adds slices)
     continue_committed init9 "$(caches_s7)" ${LR:-2e-4} fit9 --draft-vocab $R/init9 ;;
