@@ -70,6 +70,13 @@ caches_s7() { caches_seed 7; }
 caches_archived() {  # the caches rebuilt from data/answers/ (cache-archived), in name order
   existing_caches $(ls -d $R/cache_archived/*/ 2>/dev/null)
 }
+caches_s8() {  # the tenth session's fit: every archived cache, then the seed-8 slices cached so far
+  caches_archived; caches_seed 8
+}
+
+stage_seed() {  # stage_seed STAGE: the ninth session's *-s7 stages use seed 7, the *-seed ones SEED (default 8)
+  [[ $1 == *-s7 ]] && echo 7 || echo ${SEED:-8}
+}
 
 eval_run() {  # eval_run LABEL DRAFTER_DIR
   for t in $TEMPS; do
@@ -137,21 +144,15 @@ case "${1:-}" in
           --sampling deepspec --seed 5 --out $R/data_s5b --cache $R/cache_s5b
       done > $R/logs/datagen.s5b.log 2>&1; } &
     wait ;;
-  datagen-seed)  # tenth session on: datagen-s7's slices with another seed (SEED, default 8)
+  datagen-s7|datagen-seed)  # ninth session (seed 7), tenth on (SEED, default 8): 250-prompt slices of code,
+    # chat and maths in turn (one cache each), so the set stays balanced however early it is stopped
+    s=$(stage_seed $1)
     { for at in 0 250 500 750 1000; do for f in livecodebench arena-hard-v2-head500 gsm8k-head1000; do
         [[ $at -lt $(wc -l < $TRAIN/$f.jsonl) ]] || continue
         datagen_run --prompts $TRAIN/$f.jsonl \
-          --limit $((at + 250)) --skip $at --sampling deepspec --seed ${SEED:-8} \
-          --out $R/data_s${SEED:-8}/$f.$at --cache $R/cache_s${SEED:-8}/$f.$at
-      done; done > $R/logs/datagen.s${SEED:-8}.log 2>&1; } ;;
-  datagen-s7)  # ninth session, one core (the other debugs CI): seed 7, 250-prompt slices of code, chat and
-    # maths in turn (one cache each), so the set stays balanced however early it is stopped
-    { for at in 0 250 500 750 1000; do for f in livecodebench arena-hard-v2-head500 gsm8k-head1000; do
-        [[ $at -lt $(wc -l < $TRAIN/$f.jsonl) ]] || continue
-        datagen_run --prompts $TRAIN/$f.jsonl \
-          --limit $((at + 250)) --skip $at --sampling deepspec --seed 7 \
-          --out $R/data_s7/$f.$at --cache $R/cache_s7/$f.$at
-      done; done > $R/logs/datagen.s7.log 2>&1; } ;;
+          --limit $((at + 250)) --skip $at --sampling deepspec --seed $s \
+          --out $R/data_s$s/$f.$at --cache $R/cache_s$s/$f.$at
+      done; done > $R/logs/datagen.s$s.log 2>&1; } ;;
   datagen-s6)  # eighth session, one core beside the fit: seed 6, code and chat (the furthest from their floors)
     datagen_run --prompts $TRAIN/livecodebench.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
       --sampling deepspec --seed 6 --out $R/data_s6 \
@@ -162,9 +163,10 @@ case "${1:-}" in
       ${LR:-2e-4} fit8 --draft-vocab $R/init8 ;;
   finish-s5)
     finish_run fit8 "$CACHES8" docs/img/loss_curves_s5.png ;;
-  archive-s7|archive-seed)  # (archive-seed: SEED, default 8) keep this session's answers (gzipped token ids, ~0.5 MB per 250): runs/ is not committed,
-    # and rebuilding a cache from answers (`cache-archived`, ~1 s a sequence) beats regenerating them (~1.8 s)
-    s=$([[ $1 == archive-s7 ]] && echo 7 || echo ${SEED:-8})
+  archive-s7|archive-seed)  # keep a seed's answers (gzipped token ids, ~0.5 MB per 250): runs/ is not
+    # committed, and rebuilding a cache from answers (`cache-archived`, ~1 s a sequence) beats
+    # regenerating them (~1.8 s)
+    s=$(stage_seed $1)
     for d in $R/data_s$s/*/; do
       n=$(basename $d); mkdir -p data/answers/s$s/$n
       for f in $d/answers*.jsonl; do gzip -9 -c $f > data/answers/s$s/$n/$(basename $f).gz; done
@@ -184,9 +186,9 @@ case "${1:-}" in
     finish_run fit9 "$(caches_s7)" docs/img/loss_curves_s7.png ;;
   continue-s8)  # tenth session: the committed drafter (snapshot init10) on every archived cache (seed 7) and
     # the seed-8 slices begun when it (re)starts (re-run it as datagen-seed adds slices)
-    continue_committed init10 "$(caches_archived)$(caches_seed 8)" ${LR:-2e-4} fit10 --draft-vocab $R/init10 ;;
+    continue_committed init10 "$(caches_s8)" ${LR:-2e-4} fit10 --draft-vocab $R/init10 ;;
   finish-s8)
-    finish_run fit10 "$(caches_archived)$(caches_seed 8)" docs/img/loss_curves_s8.png ;;
+    finish_run fit10 "$(caches_s8)" docs/img/loss_curves_s8.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
