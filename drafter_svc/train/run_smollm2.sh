@@ -16,6 +16,7 @@
 #   drafter_svc/train/run_smollm2.sh datagen-s7 | continue-s7 | finish-s7 | archive-s7   (ninth session)
 #   (a later session: cache-archived rebuilds caches from data/answers/ without regenerating)
 #   drafter_svc/train/run_smollm2.sh datagen-seed | cache-archived | continue-s8 | finish-s8 | archive-seed   (tenth)
+#   drafter_svc/train/run_smollm2.sh cache-archived | continue-archived | finish-archived (+ SEED=9 datagen-seed)   (eleventh)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -189,6 +190,11 @@ case "${1:-}" in
     continue_committed init10 "$(caches_s8)" ${LR:-2e-4} fit10 --draft-vocab $R/init10 ;;
   finish-s8)
     finish_run fit10 "$(caches_s8)" docs/img/loss_curves_s8.png ;;
+  continue-archived)  # eleventh session: the committed drafter (snapshot init11) on every archived cache
+    # (both seeds, rebuilt by cache-archived; nothing generated this session joins the fit)
+    continue_committed init11 "$(caches_archived)" ${LR:-2e-4} fit11 --draft-vocab $R/init11 ;;
+  finish-archived)
+    finish_run fit11 "$(caches_archived)" docs/img/loss_curves_s9.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
@@ -225,5 +231,5 @@ case "${1:-}" in
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|datagen-s7|archive-s7|cache-archived|continue-s7|finish-s7|datagen-seed|archive-seed|continue-s8|finish-s8|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|datagen-s7|archive-s7|cache-archived|continue-s7|finish-s7|datagen-seed|archive-seed|continue-s8|finish-s8|continue-archived|finish-archived|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
 esac
