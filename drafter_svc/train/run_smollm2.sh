@@ -17,6 +17,7 @@
 #   (a later session: cache-archived rebuilds caches from data/answers/ without regenerating)
 #   drafter_svc/train/run_smollm2.sh datagen-seed | cache-archived | continue-s8 | finish-s8 | archive-seed   (tenth)
 #   drafter_svc/train/run_smollm2.sh cache-archived | continue-archived | finish-archived (+ SEED=9 datagen-seed)   (eleventh)
+#   SETS=s9 cache-archived + SEED=9 datagen-seed, then continue-s10 (+ SEED=10 datagen-seed) | finish-s10   (twelfth)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -73,6 +74,10 @@ caches_archived() {  # the caches rebuilt from data/answers/ (cache-archived), i
 }
 caches_s8() {  # the tenth session's fit: every archived cache, then the seed-8 slices cached so far
   caches_archived; caches_seed 8
+}
+
+caches_s10() {  # the twelfth session's fit: seed 9 (archived, then completed) and seed 10 as it is generated
+  existing_caches $(ls -d $R/cache_archived/s9.*/ 2>/dev/null); caches_seed 9; caches_seed 10
 }
 
 stage_seed() {  # stage_seed STAGE: the ninth session's *-s7 stages use seed 7, the *-seed ones SEED (default 8)
@@ -195,6 +200,12 @@ case "${1:-}" in
     continue_committed init11 "$(caches_archived)" ${LR:-2e-4} fit11 --draft-vocab $R/init11 ;;
   finish-archived)
     finish_run fit11 "$(caches_archived)" docs/img/loss_curves_s9.png ;;
+  continue-s10)  # twelfth session: the committed drafter (snapshot init12) on answers it has never seen:
+    # seed 9 (archived part rebuilt by `SETS=s9 cache-archived`, the rest completed by `SEED=9 datagen-seed`)
+    # and the seed-10 slices begun when it (re)starts (re-run it as `SEED=10 datagen-seed` adds slices)
+    continue_committed init12 "$(caches_s10)" ${LR:-2e-4} fit12 --draft-vocab $R/init12 ;;
+  finish-s10)
+    finish_run fit12 "$(caches_s10)" docs/img/loss_curves_s10.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
@@ -231,5 +242,5 @@ case "${1:-}" in
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|datagen-s7|archive-s7|cache-archived|continue-s7|finish-s7|datagen-seed|archive-seed|continue-s8|finish-s8|continue-archived|finish-archived|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|datagen-s7|archive-s7|cache-archived|continue-s7|finish-s7|datagen-seed|archive-seed|continue-s8|finish-s8|continue-archived|finish-archived|continue-s10|finish-s10|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
 esac
