@@ -38,6 +38,7 @@ from dspark_common.metrics import DrafterMetrics, MetricsServer
 from dspark_common.micro_batch import MicroBatcher
 from dspark_common.proto import common_pb2, drafter_pb2, drafter_pb2_grpc
 from dspark_common.settings import DrafterSettings
+from dspark_common.shutdown import STOP_STEP_LIMIT_S, bounded_step
 from dspark_common.tensor_codec import FLOAT_DTYPES, decode_tensor, encode_tensor
 from dspark_common.types import DraftRequest, Proposal
 from dspark_common.wire import proposal_to_proto, sampling_from_proto
@@ -429,8 +430,8 @@ class DrafterServer:
         return port
 
     async def stop(self, grace: float | None = 0.5) -> None:
-        await self._grpc.stop(grace)
-        await self.service.batcher.stop()
+        await self._grpc.stop(grace)  # bounded inside
+        await bounded_step("drafter micro-batcher", self.service.batcher.stop(), STOP_STEP_LIMIT_S)
         self.metrics_server.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
 

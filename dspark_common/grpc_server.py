@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dspark_common.shutdown import bounded_step
+
 log = logging.getLogger(__name__)
 
 STOP_MARGIN_S = 10.0  # beyond the grace period, how long a stop waits for grpc.aio to confirm it
@@ -67,12 +69,8 @@ class GrpcServer:
             return
         server, self.server = self.server, None
         await self.health.enter_graceful_shutdown()
-        limit = (grace or 0.0) + STOP_MARGIN_S
-        try:
-            await asyncio.wait_for(server.stop(grace), limit)
-        except asyncio.TimeoutError:
-            log.error("gRPC server on %s did not confirm its shutdown within %.1f s; going on without it",
-                      self._address, limit)
+        await bounded_step(f"gRPC server on {self._address} (confirming its shutdown)", server.stop(grace),
+                           (grace or 0.0) + STOP_MARGIN_S)
 
 
 async def serve_until_signal(stop: Callable[[], Any]) -> None:

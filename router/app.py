@@ -12,6 +12,7 @@ from aiohttp import web
 
 from dspark_common.grpc_server import GrpcServer
 from dspark_common.settings import RouterSettings
+from dspark_common.shutdown import STOP_STEP_LIMIT_S, bounded_step
 from dspark_common._proto.dspark.v1 import router_pb2_grpc
 from router.admission import Admission
 from router.generation import GenerationService
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 EXPIRY_SWEEP_S = 30.0
 SHUTDOWN_GRACE_S = 2.0  # running generations get this long to finish when the router stops
-STOP_STEP_LIMIT_S = 5.0  # each later stop step (registry, channels, store) gets this long
 
 
 class RouterCore:
@@ -89,16 +89,18 @@ class RouterCore:
         t0 = time.perf_counter()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        await asyncio.gather(
-            self._grpc.stop(SHUTDOWN_GRACE_S) if self._grpc is not None else asyncio.sleep(0),
-            self._runner.cleanup() if self._runner is not None else asyncio.sleep(0),
-        )
-        # Each remaining step is bounded and named: a router told to stop must stop, and say what
-        # overran (a CI teardown of a Redis-backed test stack once hung 600 s; cause not yet found).
+        # The servers first (in parallel: both give running calls SHUTDOWN_GRACE_S), then what they
+        # used. Every step is bounded and named (dspark_common.shutdown): CI teardowns of this
+        # stack have hung twice, and a router told to stop must stop and say what overran.
+        servers = []
+        if self._grpc is not None:
+            servers.append(bounded_step("router gRPC server", self._grpc.stop(SHUTDOWN_GRACE_S),
+                                        SHUTDOWN_GRACE_S + STOP_STEP_LIMIT_S * 3))
+        if self._runner is not None:
+            servers.append(bounded_step("router HTTP server", self._runner.cleanup(),
+                                        SHUTDOWN_GRACE_S + STOP_STEP_LIMIT_S))
+        await asyncio.gather(*servers)
         for name, step in (("registry", self.registry.stop), ("verifier pool", self.pool.close),
                            ("session store", self.store.close)):
-            try:
-                await asyncio.wait_for(step(), STOP_STEP_LIMIT_S)
-            except asyncio.TimeoutError:
-                log.error("router stop: %s did not close within %.1f s; going on without it", name, STOP_STEP_LIMIT_S)
+            await bounded_step(f"router {name}", step(), STOP_STEP_LIMIT_S)
         log.info("router stopped in %.1f s", time.perf_counter() - t0)

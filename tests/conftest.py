@@ -50,3 +50,50 @@ def _async_hang_dump(request):
     timer.start()
     yield
     timer.cancel()
+
+
+# ---- a stop that was rescued by its bound is reported, not hidden ------------------------------
+# Service stops give up on a stuck step at its limit and log it (dspark_common.shutdown), so the
+# teardown it rescued passes. The records (with every pending task's stack) are gathered from all
+# xdist workers into one file and printed at the end of the run: a hang that no longer fails CI
+# still says where it is. Tests that provoke an overrun on purpose carry `provokes_stop_overrun`.
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from dspark_common.shutdown import OVERRUN_MESSAGE  # noqa: E402
+
+OVERRUNS = Path(__file__).resolve().parent.parent / "runs" / "test-stop-overruns.log"
+_overrun_expected = False
+
+
+class _OverrunFile(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if _overrun_expected or OVERRUN_MESSAGE not in record.getMessage():
+            return
+        OVERRUNS.parent.mkdir(parents=True, exist_ok=True)
+        with OVERRUNS.open("a") as fh:
+            fh.write(f"[{os.environ.get('PYTEST_CURRENT_TEST', 'outside a test')}]\n{record.getMessage()}\n\n")
+
+
+logging.getLogger("dspark_common.shutdown").addHandler(_OverrunFile(logging.ERROR))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "provokes_stop_overrun: the test overruns a bounded stop step on purpose")
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist) starts the file afresh
+        OVERRUNS.unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _stop_overrun_expected(request):
+    global _overrun_expected
+    _overrun_expected = request.node.get_closest_marker("provokes_stop_overrun") is not None
+    yield
+    _overrun_expected = False
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if hasattr(config, "workerinput") or not OVERRUNS.exists():
+        return
+    terminalreporter.section("bounded stop steps that overran (the teardown went on without them)")
+    terminalreporter.write(OVERRUNS.read_text())

@@ -34,6 +34,7 @@ from dspark_common.metrics import MetricsServer, VerifierMetrics
 from dspark_common.proto import common_pb2, verifier_pb2, verifier_pb2_grpc
 from dspark_common.registry import advertise_address, register_forever, registered
 from dspark_common.settings import VerifierSettings
+from dspark_common.shutdown import STOP_STEP_LIMIT_S, bounded_step
 from dspark_common.types import RoundStats, validate_draft_length
 from dspark_common.wire import sampling_from_proto, stats_to_proto
 from verifier_svc.decode_loop import DecodeLoop, DecodeSession, GenerationRequest
@@ -517,11 +518,14 @@ class VerifierServer:
     async def stop(self, grace: float | None = 0.5) -> None:
         for task in self._background:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await bounded_step("verifier background tasks", asyncio.gather(*self._background, return_exceptions=True),
+                           STOP_STEP_LIMIT_S)
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await self._grpc.stop(grace)  # bounded inside
         if self.proposer is not None:
-            await self.proposer.stop()
+            await bounded_step("verifier drafter links", self.proposer.stop(), STOP_STEP_LIMIT_S)
+        if self._redis is not None:  # drafter discovery's client
+            await bounded_step("verifier Redis client", self._redis.aclose(), STOP_STEP_LIMIT_S)
         self.metrics_server.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
