@@ -12,14 +12,26 @@ torch.set_num_threads(1)
 
 # ---- a hang says where it is -------------------------------------------------------------------
 # pytest-timeout shows thread stacks, and an asyncio hang shows only a loop waiting in select();
-# this prints every pending task's stack first, so a CI log says which await never returned.
+# this prints every pending task's stack first, so a CI log says which await never returned, and
+# repeats it in a section at the end of the run (a failing test's captured stderr is easy to miss).
 import asyncio  # noqa: E402
 import gc  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+# Hang reports from every xdist worker, printed by the controller at the end of the run.
+HANG_REPORT = Path(__file__).resolve().parent.parent / "runs" / "test-hangs.log"
+
+
+def _report(text: str) -> None:
+    HANG_REPORT.parent.mkdir(parents=True, exist_ok=True)
+    with HANG_REPORT.open("a") as fh:
+        fh.write(text + "\n\n")
+
 
 ASYNC_HANG_DUMP_S = 300.0
 
@@ -28,7 +40,7 @@ def _dump_tasks(label: str) -> None:
     with warnings.catch_warnings():  # isinstance() on some torch objects warns of deprecations
         warnings.simplefilter("ignore")
         loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop) and o.is_running()]
-    print(f"\n+++ {label}: still running after {ASYNC_HANG_DUMP_S:.0f} s; pending asyncio tasks:", file=sys.stderr)
+    lines = [f"+++ {label}: still running after {ASYNC_HANG_DUMP_S:.0f} s; pending asyncio tasks:"]
     for loop in loops:
         for _ in range(3):  # the set can change under us: the loop thread is still running
             try:
@@ -37,10 +49,12 @@ def _dump_tasks(label: str) -> None:
             except RuntimeError:
                 tasks = []
         for t in tasks:
-            print(f"--- {t.get_name()} {t.get_coro()!r}", file=sys.stderr)
+            lines.append(f"--- {t.get_name()} {t.get_coro()!r}")
             for frame in t.get_stack(limit=12):
-                print(f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}", file=sys.stderr)
+                lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+    print("\n" + "\n".join(lines), file=sys.stderr)
     sys.stderr.flush()
+    _report("\n".join(lines))  # also at the end of the run: a captured stderr can go unread
 
 
 @pytest.fixture(autouse=True)
@@ -58,21 +72,16 @@ def _async_hang_dump(request):
 # xdist workers into one file and printed at the end of the run: a hang that no longer fails CI
 # still says where it is. Tests that provoke an overrun on purpose carry `provokes_stop_overrun`.
 import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from dspark_common.shutdown import OVERRUN_MESSAGE  # noqa: E402
 
-OVERRUNS = Path(__file__).resolve().parent.parent / "runs" / "test-stop-overruns.log"
 _overrun_expected = False
 
 
 class _OverrunFile(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        if _overrun_expected or OVERRUN_MESSAGE not in record.getMessage():
-            return
-        OVERRUNS.parent.mkdir(parents=True, exist_ok=True)
-        with OVERRUNS.open("a") as fh:
-            fh.write(f"[{os.environ.get('PYTEST_CURRENT_TEST', 'outside a test')}]\n{record.getMessage()}\n\n")
+        if not _overrun_expected and OVERRUN_MESSAGE in record.getMessage():
+            _report(f"[{os.environ.get('PYTEST_CURRENT_TEST', 'outside a test')}]\n{record.getMessage()}")
 
 
 logging.getLogger("dspark_common.shutdown").addHandler(_OverrunFile(logging.ERROR))
@@ -81,7 +90,7 @@ logging.getLogger("dspark_common.shutdown").addHandler(_OverrunFile(logging.ERRO
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "provokes_stop_overrun: the test overruns a bounded stop step on purpose")
     if not hasattr(config, "workerinput"):  # the controller (or a run without xdist) starts the file afresh
-        OVERRUNS.unlink(missing_ok=True)
+        HANG_REPORT.unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +102,7 @@ def _stop_overrun_expected(request):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if hasattr(config, "workerinput") or not OVERRUNS.exists():
+    if hasattr(config, "workerinput") or not HANG_REPORT.exists():
         return
-    terminalreporter.section("bounded stop steps that overran (the teardown went on without them)")
-    terminalreporter.write(OVERRUNS.read_text())
+    terminalreporter.section("hangs: stop steps that overran their bound, tests still running after %.0f s" % ASYNC_HANG_DUMP_S)
+    terminalreporter.write(HANG_REPORT.read_text())
