@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dspark_common.shutdown import bounded_step
+from dspark_common.shutdown import STOP_STEP_LIMIT_S, bounded_step
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,12 @@ class GrpcServer:
         """Refuse new calls, give running ones `grace` seconds, then cancel them. Bounded: grpc.aio
         can lose the core's shutdown notice and then waits for it forever (grpc/grpc#28999);
         a service that is told to stop must stop, so past the grace and a margin it gives up on
-        the notice, and says so."""
+        the notice, and says so. Every step is bounded here, so callers need no bound of their own."""
         if self.server is None:
             return
         server, self.server = self.server, None
-        await self.health.enter_graceful_shutdown()
+        await bounded_step(f"gRPC server on {self._address} (health: not serving)",
+                           self.health.enter_graceful_shutdown(), STOP_STEP_LIMIT_S)
         await bounded_step(f"gRPC server on {self._address} (confirming its shutdown)", server.stop(grace),
                            (grace or 0.0) + STOP_MARGIN_S)
 

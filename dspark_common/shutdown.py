@@ -20,10 +20,18 @@ STOP_STEP_LIMIT_S = 5.0  # a close step (channels, stores, background tasks) tha
 OVERRUN_MESSAGE = "stop step overran"  # tests/conftest.py collects these records from every test
 
 
-def pending_task_stacks(limit: int = 12) -> str:
-    """Every pending task of the running loop with the frames it is suspended in, innermost last."""
+def pending_task_stacks(loop: asyncio.AbstractEventLoop | None = None, limit: int = 12) -> str:
+    """Every pending task of `loop` (default: the running one) with the frames it is suspended in,
+    innermost last. From another thread (a hang watchdog) the task set can change while it is read;
+    that is retried."""
+    for _ in range(3):
+        try:
+            tasks = list(asyncio.all_tasks(loop))
+            break
+        except RuntimeError:  # "Set changed size during iteration"
+            tasks = []
     lines = []
-    for task in asyncio.all_tasks():
+    for task in tasks:
         lines.append(f"--- task {task.get_name()}: {task.get_coro()!r}")
         for frame in task.get_stack(limit=limit):
             lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")

@@ -94,8 +94,7 @@ class RouterCore:
         # stack have hung twice, and a router told to stop must stop and say what overran.
         servers = []
         if self._grpc is not None:
-            servers.append(bounded_step("router gRPC server", self._grpc.stop(SHUTDOWN_GRACE_S),
-                                        SHUTDOWN_GRACE_S + STOP_STEP_LIMIT_S * 3))
+            servers.append(self._grpc.stop(SHUTDOWN_GRACE_S))  # bounded inside, step by step
         if self._runner is not None:
             servers.append(bounded_step("router HTTP server", self._runner.cleanup(),
                                         SHUTDOWN_GRACE_S + STOP_STEP_LIMIT_S))

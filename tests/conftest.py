@@ -23,6 +23,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from dspark_common.shutdown import OVERRUN_MESSAGE, pending_task_stacks  # noqa: E402
+
 # Hang reports from every xdist worker, printed by the controller at the end of the run.
 HANG_REPORT = Path(__file__).resolve().parent.parent / "runs" / "test-hangs.log"
 
@@ -41,17 +43,7 @@ def _dump_tasks(label: str) -> None:
         warnings.simplefilter("ignore")
         loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop) and o.is_running()]
     lines = [f"+++ {label}: still running after {ASYNC_HANG_DUMP_S:.0f} s; pending asyncio tasks:"]
-    for loop in loops:
-        for _ in range(3):  # the set can change under us: the loop thread is still running
-            try:
-                tasks = list(asyncio.all_tasks(loop))
-                break
-            except RuntimeError:
-                tasks = []
-        for t in tasks:
-            lines.append(f"--- {t.get_name()} {t.get_coro()!r}")
-            for frame in t.get_stack(limit=12):
-                lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+    lines += [pending_task_stacks(loop) for loop in loops]
     print("\n" + "\n".join(lines), file=sys.stderr)
     sys.stderr.flush()
     _report("\n".join(lines))  # also at the end of the run: a captured stderr can go unread
@@ -72,8 +64,6 @@ def _async_hang_dump(request):
 # xdist workers into one file and printed at the end of the run: a hang that no longer fails CI
 # still says where it is. Tests that provoke an overrun on purpose carry `provokes_stop_overrun`.
 import logging  # noqa: E402
-
-from dspark_common.shutdown import OVERRUN_MESSAGE  # noqa: E402
 
 _overrun_expected = False
 
