@@ -18,6 +18,7 @@
 #   drafter_svc/train/run_smollm2.sh datagen-seed | cache-archived | continue-s8 | finish-s8 | archive-seed   (tenth)
 #   drafter_svc/train/run_smollm2.sh cache-archived | continue-archived | finish-archived (+ SEED=9 datagen-seed)   (eleventh)
 #   SETS=s9 cache-archived + SEED=9 datagen-seed, then continue-s10 (+ SEED=10 datagen-seed) | finish-s10   (twelfth)
+#   SETS=s10 cache-archived + SEED=11 datagen-seed, then continue-s11 | finish-s11   (thirteenth)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -78,6 +79,10 @@ caches_s8() {  # the tenth session's fit: every archived cache, then the seed-8 
 
 caches_s10() {  # the twelfth session's fit: seed 9 (archived, then completed) and seed 10 as it is generated
   existing_caches $(ls -d $R/cache_archived/s9.*/ 2>/dev/null); caches_seed 9; caches_seed 10
+}
+
+caches_s11() {  # the thirteenth session's fit: seed 10 (archived) and seed 11 as it is generated
+  existing_caches $(ls -d $R/cache_archived/s10.*/ 2>/dev/null); caches_seed 11
 }
 
 stage_seed() {  # stage_seed STAGE: the ninth session's *-s7 stages use seed 7, the *-seed ones SEED (default 8)
@@ -206,6 +211,11 @@ case "${1:-}" in
     continue_committed init12 "$(caches_s10)" ${LR:-2e-4} fit12 --draft-vocab $R/init12 ;;
   finish-s10)
     finish_run fit12 "$(caches_s10)" docs/img/loss_curves_s10.png ;;
+  continue-s11)  # thirteenth session: the committed drafter (snapshot init13) on seed 10 (805 of its answers
+    # joined no fit, the rest one epoch late in the twelfth) and the seed-11 slices begun when it (re)starts
+    continue_committed init13 "$(caches_s11)" ${LR:-2e-4} fit13 --draft-vocab $R/init13 ;;
+  finish-s11)
+    finish_run fit13 "$(caches_s11)" docs/img/loss_curves_s11.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
