@@ -19,6 +19,7 @@
 #   drafter_svc/train/run_smollm2.sh cache-archived | continue-archived | finish-archived (+ SEED=9 datagen-seed)   (eleventh)
 #   SETS=s9 cache-archived + SEED=9 datagen-seed, then continue-s10 (+ SEED=10 datagen-seed) | finish-s10   (twelfth)
 #   SETS=s10 cache-archived + SEED=11 datagen-seed, then continue-s11 | finish-s11   (thirteenth)
+#   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
 # shared 2-core machine makes more threads ~10x slower).
@@ -182,6 +183,16 @@ case "${1:-}" in
       n=$(basename $d); mkdir -p data/answers/s$s/$n
       for f in $d/answers*.jsonl; do gzip -9 -c $f > data/answers/s$s/$n/$(basename $f).gz; done
       cp $d/datagen_config.json data/answers/s$s/$n/
+    done ;;
+  unarchive-seed)  # archive-seed's inverse for a partly archived seed: its answers back into runs/, so
+    # `datagen-seed` resumes by key instead of regenerating them (files already there are kept)
+    s=$(stage_seed $1)
+    for d in data/answers/s$s/*/; do
+      n=$(basename $d); mkdir -p $R/data_s$s/$n
+      for f in $d/answers*.jsonl.gz; do
+        t=$R/data_s$s/$n/$(basename ${f%.gz}); [[ -e $t ]] || gunzip -c $f > $t
+      done
+      cp -n $d/datagen_config.json $R/data_s$s/$n/
     done ;;
   cache-archived)  # a target cache for every archived answer set not cached yet (one forward per sequence);
     # SETS=s7 / SETS=s8 run two sets side by side, one core each (~1 h per 2 555 answers on one core)
