@@ -71,19 +71,20 @@ caches_seed() {  # caches_seed SEED: that seed's slices cached so far (one in pr
 }
 caches_s7() { caches_seed 7; }
 
-caches_archived() {  # the caches rebuilt from data/answers/ (cache-archived), in name order
-  existing_caches $(ls -d $R/cache_archived/*/ 2>/dev/null)
+caches_archived() {  # caches_archived [SET]: the caches rebuilt from data/answers/ (cache-archived), in name
+  # order; with SET (e.g. s10) only that set's
+  existing_caches $(ls -d $R/cache_archived/${1:+$1.}*/ 2>/dev/null)
 }
 caches_s8() {  # the tenth session's fit: every archived cache, then the seed-8 slices cached so far
   caches_archived; caches_seed 8
 }
 
 caches_s10() {  # the twelfth session's fit: seed 9 (archived, then completed) and seed 10 as it is generated
-  existing_caches $(ls -d $R/cache_archived/s9.*/ 2>/dev/null); caches_seed 9; caches_seed 10
+  caches_archived s9; caches_seed 9; caches_seed 10
 }
 
 caches_s11() {  # the thirteenth session's fit: seed 10 (archived) and seed 11 as it is generated
-  existing_caches $(ls -d $R/cache_archived/s10.*/ 2>/dev/null); caches_seed 11
+  caches_archived s10; caches_seed 11
 }
 
 stage_seed() {  # stage_seed STAGE: the ninth session's *-s7 stages use seed 7, the *-seed ones SEED (default 8)
