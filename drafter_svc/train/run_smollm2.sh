@@ -19,6 +19,7 @@
 #   drafter_svc/train/run_smollm2.sh cache-archived | continue-archived | finish-archived (+ SEED=9 datagen-seed)   (eleventh)
 #   SETS=s9 cache-archived + SEED=9 datagen-seed, then continue-s10 (+ SEED=10 datagen-seed) | finish-s10   (twelfth)
 #   SETS=s10 cache-archived + SEED=11 datagen-seed, then continue-s11 | finish-s11   (thirteenth)
+#   SETS=s12, SETS=s11 cache-archived + SEED=12 unarchive-seed, datagen-seed; continue-s12 | finish-s12   (fourteenth)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
@@ -85,6 +86,12 @@ caches_s10() {  # the twelfth session's fit: seed 9 (archived, then completed) a
 
 caches_s11() {  # the thirteenth session's fit: seed 10 (archived) and seed 11 as it is generated
   caches_archived s10; caches_seed 11
+}
+
+caches_s12() {  # the fourteenth session's fit: seed 12's archived part (never trained on), seed 11 (joined the
+  # thirteenth fit late), then the seed-12 slices generated this session (datagen resumes by key, so the
+  # archived answers are not cached twice)
+  caches_archived s12; caches_archived s11; caches_seed 12
 }
 
 stage_seed() {  # stage_seed STAGE: the ninth session's *-s7 stages use seed 7, the *-seed ones SEED (default 8)
@@ -228,6 +235,11 @@ case "${1:-}" in
     continue_committed init13 "$(caches_s11)" ${LR:-2e-4} fit13 --draft-vocab $R/init13 ;;
   finish-s11)
     finish_run fit13 "$(caches_s11)" docs/img/loss_curves_s11.png ;;
+  continue-s12)  # fourteenth session: the committed drafter (snapshot init14) on caches_s12 as they exist when
+    # it (re)starts (re-run it as the cache builds and `SEED=12 datagen-seed` add directories)
+    continue_committed init14 "$(caches_s12)" ${LR:-2e-4} fit14 --draft-vocab $R/init14 ;;
+  finish-s12)
+    finish_run fit14 "$(caches_s12)" docs/img/loss_curves_s12.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
@@ -264,5 +276,5 @@ case "${1:-}" in
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|datagen-s7|archive-s7|cache-archived|continue-s7|finish-s7|datagen-seed|archive-seed|continue-s8|finish-s8|continue-archived|finish-archived|continue-s10|finish-s10|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|datagen-s7|archive-s7|cache-archived|continue-s7|finish-s7|datagen-seed|archive-seed|continue-s8|finish-s8|continue-archived|finish-archived|continue-s10|finish-s10|continue-s11|finish-s11|continue-s12|finish-s12|unarchive-seed|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
 esac
