@@ -189,7 +189,10 @@ case "${1:-}" in
     s=$(stage_seed $1)
     for d in $R/data_s$s/*/; do
       n=$(basename $d); mkdir -p data/answers/s$s/$n
-      for f in $d/answers*.jsonl; do gzip -9 -c $f > data/answers/s$s/$n/$(basename $f).gz; done
+      for f in $d/answers*.jsonl; do  # an unchanged archive is kept: gzip's header (mtime) would churn git
+        t=data/answers/s$s/$n/$(basename $f).gz
+        [[ -e $t ]] && gunzip -c $t | cmp -s - $f || gzip -9 -c $f > $t
+      done
       cp $d/datagen_config.json data/answers/s$s/$n/
     done ;;
   unarchive-seed)  # archive-seed's inverse for a partly archived seed: its answers back into runs/, so
