@@ -271,13 +271,14 @@ case "${1:-}" in
   ablation)  # same recipe and budget, sequential head off (Markov rank 0)
     $PY -m dspark_common.cli train fit $FIT_ARGS --markov-rank 0 --out $R/fit_rank0
     $PY -m dspark_common.cli train export --run $R/fit_rank0 --out $R/export_rank0 --verify-with '' ;;
-  eval-dspark)
-    eval_run dspark models/dspark-smollm2-135m ;;
+  eval-dspark)  # DRAFTER= another directory, e.g. a run's snapshot once `finish-*` has overwritten models/
+    eval_run dspark ${DRAFTER:-models/dspark-smollm2-135m} ;;
   eval-rank0)
     eval_run rank0 $R/export_rank0 ;;
   report)
     $PY -m drafter_svc.train.report $EVAL_DIR/*.jsonl --plot docs/img/acceptance_by_position.png
     $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$R/fit/log.jsonl', 'docs/img/loss_curves.png', {'rank 0 (ablation)': '$R/fit_rank0/log.jsonl'})" ;;
   *)
-    echo "usage: $0 datagen|datagen-300|datagen-more|datagen-sampled|datagen-s2|datagen-s3|datagen-s4|continue-s4|finish-s4|datagen-s5|datagen-s6|continue-s5|finish-s5|datagen-s7|archive-s7|cache-archived|continue-s7|finish-s7|datagen-seed|archive-seed|continue-s8|finish-s8|continue-archived|finish-archived|continue-s10|finish-s10|continue-s11|finish-s11|continue-s12|finish-s12|unarchive-seed|cache|fit|continue|continue-sampled|continue-vocab|finish|finish-continued|finish-sampled|finish-vocab|vocab|ablation|eval-dspark|eval-rank0|report" >&2; exit 2 ;;
+    # the stages, read from this case statement (a hand-kept list fell behind it)
+    echo "usage: $0 $(sed -nE 's/^  ([a-z0-9|-]+)\).*/\1/p' "$0" | paste -sd'|')" >&2; exit 2 ;;
 esac
