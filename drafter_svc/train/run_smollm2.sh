@@ -20,6 +20,7 @@
 #   SETS=s9 cache-archived + SEED=9 datagen-seed, then continue-s10 (+ SEED=10 datagen-seed) | finish-s10   (twelfth)
 #   SETS=s10 cache-archived + SEED=11 datagen-seed, then continue-s11 | finish-s11   (thirteenth)
 #   SETS=s12, SETS=s11 cache-archived + SEED=12 unarchive-seed, datagen-seed; continue-s12 | finish-s12   (fourteenth)
+#   SETS='s1[34]', SETS=s12 cache-archived + SEED=13 unarchive-seed, datagen-seed; continue-s13 | finish-s13   (fifteenth)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
@@ -92,6 +93,17 @@ caches_s12() {  # the fourteenth session's fit: seed 12's archived part (never t
   # thirteenth fit late), then the seed-12 slices generated this session (datagen resumes by key, so the
   # archived answers are not cached twice)
   caches_archived s12; caches_archived s11; caches_seed 12
+}
+
+caches_by_birth() {  # caches_by_birth DIR...: those begun, in the order their builds began (birth time, then
+  # name): a restarted fit finds every earlier cache at the same position (its keys name positions), so
+  # the epoch order it resumes stays valid when new directories join at the end
+  existing_caches $(for d in "$@"; do [[ -d $d ]] && echo "$(stat -c %W "$d") ${d%/}"; done | sort -k1,1n -k2,2 | cut -d' ' -f2)
+}
+
+caches_s13() {  # the fifteenth session's fit: seeds 13 and 14's archived answers (never trained on), seed 12
+  # (its last 305 answers joined no fit), then the seed-13 slices generated this session
+  caches_by_birth $R/cache_archived/s1[234].*/ $R/cache_s13/*/
 }
 
 stage_seed() {  # stage_seed STAGE: the ninth session's *-s7 stages use seed 7, the *-seed ones SEED (default 8)
@@ -243,6 +255,11 @@ case "${1:-}" in
     continue_committed init14 "$(caches_s12)" ${LR:-2e-4} fit14 --draft-vocab $R/init14 ;;
   finish-s12)
     finish_run fit14 "$(caches_s12)" docs/img/loss_curves_s12.png ;;
+  continue-s13)  # fifteenth session: the committed drafter (snapshot init15) on caches_s13 as they exist when
+    # it (re)starts (re-run it as cache-archived and `SEED=13 datagen-seed` add directories)
+    continue_committed init15 "$(caches_s13)" ${LR:-2e-4} fit15 --draft-vocab $R/init15 ;;
+  finish-s13)
+    finish_run fit15 "$(caches_s13)" docs/img/loss_curves_s13.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
