@@ -275,6 +275,9 @@ class Trainer:
             keys = self.reader.keys
             self.order = [keys[i] for i in torch.randperm(len(keys), generator=g).tolist()]
             self.pos = 0
+            # the fifteenth session's run read ~1 300 sequences 6 times and overfit: make the data volume
+            # visible where the run is watched
+            log.info("epoch %d at step %d: %d train sequences", self.epoch, self.step, len(keys))
         key = self.order[self.pos]
         self.pos += 1
         return key
