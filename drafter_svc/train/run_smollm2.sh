@@ -177,13 +177,14 @@ case "${1:-}" in
       done > $R/logs/datagen.s5b.log 2>&1; } &
     wait ;;
   datagen-s7|datagen-seed)  # ninth session (seed 7), tenth on (SEED, default 8): 250-prompt slices of code,
-    # chat and maths in turn (one cache each), so the set stays balanced however early it is stopped
+    # chat and maths in turn (one cache each), so the set stays balanced however early it is stopped;
+    # NOCACHE=1 writes the answers only (to archive for a later session, whose cache-archived builds the cache)
     s=$(stage_seed $1)
     { for at in 0 250 500 750 1000; do for f in livecodebench arena-hard-v2-head500 gsm8k-head1000; do
         [[ $at -lt $(wc -l < $TRAIN/$f.jsonl) ]] || continue
         datagen_run --prompts $TRAIN/$f.jsonl \
           --limit $((at + 250)) --skip $at --sampling deepspec --seed $s \
-          --out $R/data_s$s/$f.$at --cache $R/cache_s$s/$f.$at
+          --out $R/data_s$s/$f.$at $([[ -n ${NOCACHE:-} ]] || echo --cache $R/cache_s$s/$f.$at)
       done; done > $R/logs/datagen.s$s.log 2>&1; } ;;
   datagen-s6)  # eighth session, one core beside the fit: seed 6, code and chat (the furthest from their floors)
     datagen_run --prompts $TRAIN/livecodebench.jsonl $TRAIN/arena-hard-v2-head500.jsonl \
