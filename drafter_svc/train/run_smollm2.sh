@@ -67,9 +67,15 @@ existing_caches() {  # existing_caches DIR...: those DIRs a cache build has begu
   for d in "$@"; do [[ -f ${d%/}/manifest.json ]] && echo -n "${d%/} "; done
 }
 
+caches_by_birth() {  # caches_by_birth DIR...: those begun, in the order their builds began (birth time, then
+  # name): a restarted fit finds every earlier cache at the same position (its keys name positions), so
+  # the epoch order it resumes stays valid when new directories join at the end
+  existing_caches $(for d in "$@"; do [[ -d $d ]] && echo "$(stat -c %W "$d") ${d%/}"; done | sort -k1,1n -k2,2 | cut -d' ' -f2)
+}
+
 caches_seed() {  # caches_seed SEED: that seed's slices cached so far (one in progress is read as it grows),
-  # oldest first: a restarted fit then sees the earlier caches at the same positions (keys are "position:prompt")
-  existing_caches $(ls -dtr $R/cache_s$1/*/ 2>/dev/null)
+  # in the order they were begun (by birth, not by mtime, which moves whenever a shard is written)
+  caches_by_birth $R/cache_s$1/*/
 }
 caches_s7() { caches_seed 7; }
 
@@ -95,14 +101,8 @@ caches_s12() {  # the fourteenth session's fit: seed 12's archived part (never t
   caches_archived s12; caches_archived s11; caches_seed 12
 }
 
-caches_by_birth() {  # caches_by_birth DIR...: those begun, in the order their builds began (birth time, then
-  # name): a restarted fit finds every earlier cache at the same position (its keys name positions), so
-  # the epoch order it resumes stays valid when new directories join at the end
-  existing_caches $(for d in "$@"; do [[ -d $d ]] && echo "$(stat -c %W "$d") ${d%/}"; done | sort -k1,1n -k2,2 | cut -d' ' -f2)
-}
-
-caches_s13() {  # the fifteenth session's fit: seeds 13 and 14's archived answers (never trained on), seed 12
-  # (its last 305 answers joined no fit), then the seed-13 slices generated this session
+caches_s13() {  # the fifteenth session's fit: the archived answers of seeds 12-14 (13 and 14 never trained on by
+  # a committed drafter) and the seed-13 slices generated in the session, in the order their caches were begun
   caches_by_birth $R/cache_archived/s1[234].*/ $R/cache_s13/*/
 }
 
