@@ -21,6 +21,7 @@
 #   SETS=s10 cache-archived + SEED=11 datagen-seed, then continue-s11 | finish-s11   (thirteenth)
 #   SETS=s12, SETS=s11 cache-archived + SEED=12 unarchive-seed, datagen-seed; continue-s12 | finish-s12   (fourteenth)
 #   SETS='s1[34]', SETS=s12 cache-archived + SEED=13 unarchive-seed, datagen-seed; continue-s13 | finish-s13   (fifteenth)
+#   SETS='s1[34]', SETS=s12 cache-archived (both cores), then continue-s16 | finish-s16   (sixteenth)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
@@ -261,6 +262,11 @@ case "${1:-}" in
     continue_committed init15 "$(caches_s13)" ${LR:-2e-4} fit15 --draft-vocab $R/init15 ;;
   finish-s13)
     finish_run fit15 "$(caches_s13)" docs/img/loss_curves_s13.png ;;
+  continue-s16)  # sixteenth session: the committed drafter (snapshot init16) on the same archive as
+    # caches_s13 (seeds 12-14), this time started only once ~2 000 sequences are cached (fit15 overfit on 1 277)
+    continue_committed init16 "$(caches_s13)" ${LR:-2e-4} fit16 --draft-vocab $R/init16 ;;
+  finish-s16)
+    finish_run fit16 "$(caches_s13)" docs/img/loss_curves_s16.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
