@@ -263,7 +263,7 @@ case "${1:-}" in
   finish-s13)
     finish_run fit15 "$(caches_s13)" docs/img/loss_curves_s13.png ;;
   continue-s16)  # sixteenth session: the committed drafter (snapshot init16) on the same archive as
-    # caches_s13 (seeds 12-14), this time started only once ~2 000 sequences are cached (fit15 overfit on 1 277)
+    # caches_s13 (seeds 12-14); start it once ~2 000 sequences are cached (fit15, started on 120, overfit)
     continue_committed init16 "$(caches_s13)" ${LR:-2e-4} fit16 --draft-vocab $R/init16 ;;
   finish-s16)
     finish_run fit16 "$(caches_s13)" docs/img/loss_curves_s16.png ;;
