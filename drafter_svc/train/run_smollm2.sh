@@ -22,6 +22,8 @@
 #   SETS=s12, SETS=s11 cache-archived + SEED=12 unarchive-seed, datagen-seed; continue-s12 | finish-s12   (fourteenth)
 #   SETS='s1[34]', SETS=s12 cache-archived + SEED=13 unarchive-seed, datagen-seed; continue-s13 | finish-s13   (fifteenth)
 #   SETS='s1[34]', SETS=s12 cache-archived (both cores), then continue-s16 | finish-s16   (sixteenth)
+#   SETS='s1[34]' cache-archived + FILES=arena-hard-v2-head500 AT=250 SEED=14 datagen-seed, FILES=... SEED=15
+#   datagen-seed, SEED=13 unarchive-seed, datagen-seed; continue-s17 | finish-s17   (seventeenth: chat first)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
@@ -107,6 +109,11 @@ caches_s13() {  # the fifteenth session's fit: the archived answers of seeds 12-
   caches_by_birth $R/cache_archived/s1[234].*/ $R/cache_s13/*/
 }
 
+caches_s17() {  # the seventeenth session's fit: the archive of seeds 12-14 as caches_s13, and the slices
+  # generated in the session (seed 13's rest, chat under seeds 14 and 15), in the order their caches were begun
+  caches_by_birth $R/cache_archived/s1[234].*/ $R/cache_s1[345]/*/
+}
+
 stage_seed() {  # stage_seed STAGE: the ninth session's *-s7 stages use seed 7, the *-seed ones SEED (default 8)
   [[ $1 == *-s7 ]] && echo 7 || echo ${SEED:-8}
 }
@@ -179,9 +186,10 @@ case "${1:-}" in
     wait ;;
   datagen-s7|datagen-seed)  # ninth session (seed 7), tenth on (SEED, default 8): 250-prompt slices of code,
     # chat and maths in turn (one cache each), so the set stays balanced however early it is stopped;
-    # NOCACHE=1 writes the answers only (to archive for a later session, whose cache-archived builds the cache)
+    # NOCACHE=1 writes the answers only (to archive for a later session, whose cache-archived builds the cache);
+    # FILES / AT narrow it to some prompt files / slice starts (e.g. the chat slices a seed's archive lacks)
     s=$(stage_seed $1)
-    { for at in 0 250 500 750 1000; do for f in livecodebench arena-hard-v2-head500 gsm8k-head1000; do
+    { for at in ${AT:-0 250 500 750 1000}; do for f in ${FILES:-livecodebench arena-hard-v2-head500 gsm8k-head1000}; do
         [[ $at -lt $(wc -l < $TRAIN/$f.jsonl) ]] || continue
         datagen_run --prompts $TRAIN/$f.jsonl \
           --limit $((at + 250)) --skip $at --sampling deepspec --seed $s \
@@ -267,6 +275,11 @@ case "${1:-}" in
     continue_committed init16 "$(caches_s13)" ${LR:-2e-4} fit16 --draft-vocab $R/init16 ;;
   finish-s16)
     finish_run fit16 "$(caches_s13)" docs/img/loss_curves_s16.png ;;
+  continue-s17)  # seventeenth session: the committed drafter (snapshot init17) on caches_s17 as they exist when
+    # it (re)starts (re-run it as cache-archived and datagen-seed add directories)
+    continue_committed init17 "$(caches_s17)" ${LR:-2e-4} fit17 --draft-vocab $R/init17 ;;
+  finish-s17)
+    finish_run fit17 "$(caches_s17)" docs/img/loss_curves_s17.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
