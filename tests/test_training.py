@@ -159,6 +159,48 @@ def test_several_caches_read_as_one(target, cache_dir, tmp_path):
         CacheReader([cache_dir, tmp_path / "c3"])
 
 
+def test_sequences_cached_mid_epoch_join_it_on_resume(target, cache_dir, tmp_path):
+    """A restart that finds a new cache directory reads it in the current epoch, not the next."""
+    layers = CacheReader(cache_dir).manifest["target_layer_ids"]
+    for name, seed in (("c2", 1), ("c3", 2)):
+        write_answers(tmp_path / f"{name}.jsonl", n=5, seed=seed)
+        build_cache(target, tmp_path / f"{name}.jsonl", tmp_path / name, layers, top_k=8, batch_size=4,
+                    shard_size=4, progress=False)
+    opts = options(steps=3, batch_seqs=1)
+    first = Trainer(target, [cache_dir, tmp_path / "c2"], tmp_path / "run", opts, progress=False)
+    first.fit(until=2)
+    read, unread = first.order[: first.pos], first.order[first.pos :]
+    del first
+    resumed = Trainer(target, [cache_dir, tmp_path / "c2", tmp_path / "c3"], tmp_path / "run", opts, progress=False)
+    assert resumed.step == 2 and resumed.order[: resumed.pos] == read  # what was read stays read
+    joined = [k for k in resumed.reader.keys if k.startswith("2:")]
+    assert joined and sorted(resumed.order[resumed.pos :]) == sorted(unread + joined)
+    resumed.fit()
+    assert resumed.step == 3
+
+
+def test_shards_written_mid_epoch_join_it_at_the_next_checkpoint(target, cache_dir, tmp_path):
+    write_answers(tmp_path / "c2.jsonl", n=8, seed=3)
+    build_cache(target, tmp_path / "c2.jsonl", tmp_path / "c2", CacheReader(cache_dir).manifest["target_layer_ids"],
+                top_k=8, batch_size=4, shard_size=4, progress=False)
+    late = sorted((tmp_path / "c2").glob("shard_*"))[-2:]  # the last shard's .json and .safetensors
+    side = json.loads(late[0].read_text())
+    late_keys = [f"1:{k}" for k, s in zip(side["keys"], side["splits"]) if s == "train"]
+    assert late_keys
+    for p in late:  # "not written yet"
+        p.rename(p.with_name("later." + p.name))
+    trainer = Trainer(target, [cache_dir, tmp_path / "c2"], tmp_path / "run", options(steps=3, batch_seqs=1,
+                                                                                   ckpt_every=1), progress=False)
+    trainer.fit(until=1)
+    assert not set(late_keys) & set(trainer.order)
+    for p in late:
+        p.with_name("later." + p.name).rename(p)
+    trainer.fit(until=2)  # the checkpoint after step 2 finds the shard
+    assert set(late_keys) <= set(trainer.order[trainer.pos :])
+    trainer.fit()
+    assert trainer.step == 3
+
+
 def test_training_steps_lower_the_loss(target, cache_dir, tmp_path):
     trainer = Trainer(target, cache_dir, tmp_path / "run", options(steps=12), progress=False)
     recs = trainer.fit()

@@ -234,6 +234,8 @@ class Trainer:
                 log.warning("%d keys of the checkpoint's epoch order are not in the caches given now "
                             "(e.g. %s): starting a new order over these caches", len(gone), gone[0])
                 self.order, self.pos = [], 0
+            elif self.order:
+                self._admit_fresh_keys()
             # log lines past the checkpoint belong to steps that will be redone
             self._truncate_log(self.step)
         else:
@@ -243,6 +245,22 @@ class Trainer:
                 log.info("initialised %s from %s", self.run_dir, self.opts.init_from)
         opts_path.write_text(json.dumps(self.opts.to_dict(), indent=2))
         (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
+
+    def _admit_fresh_keys(self) -> None:
+        # A cache build beside the fit adds sequences while an epoch runs; the epoch's order was fixed
+        # when it began, so without this they would wait for the next epoch, which a run's last epoch
+        # never reaches (the seventeenth session lost seed 12's last caches that way). They join the
+        # unread part of the current epoch, shuffled in: new shards at the next checkpoint, new
+        # directories (named only at launch) at the restart that names them.
+        queued = set(self.order)
+        fresh = [k for k in self.reader.keys if k not in queued]
+        if not fresh:
+            return
+        g = torch.Generator().manual_seed(self.opts.seed * 100_003 + self.epoch * 1_009 + self.pos)
+        rest = self.order[self.pos:] + fresh
+        self.order = self.order[: self.pos] + [rest[i] for i in torch.randperm(len(rest), generator=g).tolist()]
+        log.info("%d train sequences joined epoch %d at step %d (%d left in it)",
+                 len(fresh), self.epoch, self.step, len(rest))
 
     def _truncate_log(self, step: int) -> None:
         path = self.run_dir / LOG_FILE
@@ -337,6 +355,9 @@ class Trainer:
                 bar.set_postfix(loss=rec["loss"], tau=rec["tau_prob"], s=rec["sec"])
                 bar.update(1)
                 if self.step % self.opts.ckpt_every == 0 or self.step == end:
+                    if self.order:  # shards a cache build beside the fit has written since
+                        self.reader.refresh("train")
+                        self._admit_fresh_keys()
                     self.save_state()
         bar.close()
         return records
