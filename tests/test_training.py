@@ -38,6 +38,13 @@ def write_answers(path, n: int = 6, seed: int = 0) -> None:
             fh.write(json.dumps({"key": f"toy:{i}", "prompt_ids": prompt.tolist(), "answer_ids": answer.tolist()}) + "\n")
 
 
+def toy_cache(target, out, n: int, seed: int) -> None:
+    """A target cache at `out` for `n` random answers (`write_answers`, kept beside it as out.jsonl)."""
+    write_answers(out.with_suffix(".jsonl"), n=n, seed=seed)
+    build_cache(target, out.with_suffix(".jsonl"), out, default_layer_ids(int(target.config.num_hidden_layers)),
+                top_k=8, batch_size=4, shard_size=4, progress=False)
+
+
 @pytest.fixture(scope="module")
 def target():
     return tiny_target("llama", seed=0)
@@ -137,10 +144,7 @@ def test_archived_answers_read_as_the_datagen_output(cache_dir, tmp_path):
 
 
 def test_several_caches_read_as_one(target, cache_dir, tmp_path):
-    write_answers(tmp_path / "answers.jsonl", n=5, seed=1)  # same keys as cache_dir's: toy:0..4
-    layers = CacheReader(cache_dir).manifest["target_layer_ids"]
-    build_cache(target, tmp_path / "answers.jsonl", tmp_path / "c2", layers, top_k=8, batch_size=4, shard_size=4,
-                progress=False)
+    toy_cache(target, tmp_path / "c2", n=5, seed=1)  # same keys as cache_dir's: toy:0..4
     one, two = CacheReader(cache_dir, None), CacheReader(tmp_path / "c2", None)
     both = CacheReader([cache_dir, tmp_path / "c2"], None)
     assert len(both) == len(one) + len(two)  # same prompt, two answers: both kept
@@ -153,19 +157,16 @@ def test_several_caches_read_as_one(target, cache_dir, tmp_path):
     assert resumed.step == 2 and resumed.order == []
     resumed.fit()
     assert resumed.step == 4
-    build_cache(target, tmp_path / "answers.jsonl", tmp_path / "c3", layers, top_k=4, batch_size=4, shard_size=4,
-                progress=False)
+    build_cache(target, tmp_path / "c2.jsonl", tmp_path / "c3", CacheReader(cache_dir).manifest["target_layer_ids"],
+                top_k=4, batch_size=4, shard_size=4, progress=False)
     with pytest.raises(Exception, match="top_k"):
         CacheReader([cache_dir, tmp_path / "c3"])
 
 
 def test_sequences_cached_mid_epoch_join_it_on_resume(target, cache_dir, tmp_path):
     """A restart that finds a new cache directory reads it in the current epoch, not the next."""
-    layers = CacheReader(cache_dir).manifest["target_layer_ids"]
-    for name, seed in (("c2", 1), ("c3", 2)):
-        write_answers(tmp_path / f"{name}.jsonl", n=5, seed=seed)
-        build_cache(target, tmp_path / f"{name}.jsonl", tmp_path / name, layers, top_k=8, batch_size=4,
-                    shard_size=4, progress=False)
+    toy_cache(target, tmp_path / "c2", n=5, seed=1)
+    toy_cache(target, tmp_path / "c3", n=5, seed=2)
     opts = options(steps=3, batch_seqs=1)
     first = Trainer(target, [cache_dir, tmp_path / "c2"], tmp_path / "run", opts, progress=False)
     first.fit(until=2)
@@ -180,9 +181,7 @@ def test_sequences_cached_mid_epoch_join_it_on_resume(target, cache_dir, tmp_pat
 
 
 def test_shards_written_mid_epoch_join_it_at_the_next_checkpoint(target, cache_dir, tmp_path):
-    write_answers(tmp_path / "c2.jsonl", n=8, seed=3)
-    build_cache(target, tmp_path / "c2.jsonl", tmp_path / "c2", CacheReader(cache_dir).manifest["target_layer_ids"],
-                top_k=8, batch_size=4, shard_size=4, progress=False)
+    toy_cache(target, tmp_path / "c2", n=8, seed=3)
     late = sorted((tmp_path / "c2").glob("shard_*"))[-2:]  # the last shard's .json and .safetensors
     side = json.loads(late[0].read_text())
     late_keys = [f"1:{k}" for k, s in zip(side["keys"], side["splits"]) if s == "train"]
