@@ -22,7 +22,7 @@
 #   SETS=s12, SETS=s11 cache-archived + SEED=12 unarchive-seed, datagen-seed; continue-s12 | finish-s12   (fourteenth)
 #   SETS='s1[34]', SETS=s12 cache-archived + SEED=13 unarchive-seed, datagen-seed; continue-s13 | finish-s13   (fifteenth)
 #   SETS='s1[34]', SETS=s12 cache-archived (both cores), then continue-s16 | finish-s16   (sixteenth)
-#   SETS='s1[34]' cache-archived + FILES=arena-hard-v2-head500 AT=250 SEED=14 datagen-seed, FILES=... SEED=15
+#   SETS='s1[34]', SETS=s12 cache-archived + FILES=arena-hard-v2-head500 AT=250 SEED=14 datagen-seed, FILES=... SEED=15
 #   datagen-seed, SEED=13 unarchive-seed, datagen-seed; continue-s17 | finish-s17   (seventeenth: chat first)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
