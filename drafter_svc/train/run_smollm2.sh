@@ -24,6 +24,8 @@
 #   SETS='s1[34]', SETS=s12 cache-archived (both cores), then continue-s16 | finish-s16   (sixteenth)
 #   SETS='s1[34]', SETS=s12 cache-archived + FILES=arena-hard-v2-head500 AT=250 SEED=14 datagen-seed, FILES=... SEED=15
 #   datagen-seed, SEED=13 unarchive-seed, datagen-seed; continue-s17 | finish-s17   (seventeenth: chat first)
+#   SETS='s1[67]' + DIRS='<s13's unread slices>' cache-archived, FILES=arena-hard-v2-head500 AT='0 250' SEED=18
+#   datagen-seed; continue-s18 | finish-s18   (eighteenth: the archive no fit had read, and new chat)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
@@ -112,6 +114,11 @@ caches_s13() {  # the fifteenth session's fit: the archived answers of seeds 12-
 caches_s17() {  # the seventeenth session's fit: the archive of seeds 12-14 as caches_s13, and the slices
   # generated in the session (seed 13's rest, chat under seeds 14 and 15), in the order their caches were begun
   caches_by_birth $R/cache_archived/s1[234].*/ $R/cache_s1[345]/*/
+}
+
+caches_s18() {  # the eighteenth session's fit: the archived answers no fit had read (seeds 16, 17 and the rest of
+  # 13) and seed 18's chat slices generated in the session, in the order their caches were begun
+  caches_by_birth $R/cache_archived/s1[3-7].*/ $R/cache_s18/*/
 }
 
 stage_seed() {  # stage_seed STAGE: the ninth session's *-s7 stages use seed 7, the *-seed ones SEED (default 8)
@@ -228,12 +235,13 @@ case "${1:-}" in
       cp -n $d/datagen_config.json $R/data_s$s/$n/
     done ;;
   cache-archived)  # a target cache for every archived answer set not cached yet (one forward per sequence);
-    # SETS=s7 / SETS=s8 run two sets side by side, one core each (~1 h per 2 555 answers on one core)
-    for d in data/answers/${SETS:-*}/*/; do
+    # SETS=s7 / SETS=s8 run two sets side by side, one core each (~1 h per 2 555 answers on one core);
+    # DIRS names answer directories instead (e.g. the slices of a set that no fit has read)
+    for d in ${DIRS:-data/answers/${SETS:-*}/*/}; do
       n=$(basename $(dirname $d)).$(basename $d)
       $PY -m dspark_common.cli train cache --answers $d --out $R/cache_archived/$n --shard-size 32 --batch-size 8 \
         --max-length 560
-    done > $R/logs/cache_archived${SETS:+.$SETS}.log 2>&1 ;;
+    done > $R/logs/cache_archived${SETS:+.$SETS}${DIRS:+.dirs}.log 2>&1 ;;
   continue-s7)  # ninth session: the committed drafter (snapshot init9) on the seed-7 slices begun when it
     # (re)starts (re-run it as datagen-s7 adds slices)
     continue_committed init9 "$(caches_s7)" ${LR:-2e-4} fit9 --draft-vocab $R/init9 ;;
@@ -280,6 +288,11 @@ case "${1:-}" in
     continue_committed init17 "$(caches_s17)" ${LR:-2e-4} fit17 --draft-vocab $R/init17 ;;
   finish-s17)
     finish_run fit17 "$(caches_s17)" docs/img/loss_curves_s17.png ;;
+  continue-s18)  # eighteenth session: the committed drafter (snapshot init18) on caches_s18 as they exist when
+    # it (re)starts (re-run it as cache-archived and datagen-seed add directories)
+    continue_committed init18 "$(caches_s18)" ${LR:-2e-4} fit18 --draft-vocab $R/init18 ;;
+  finish-s18)
+    finish_run fit18 "$(caches_s18)" docs/img/loss_curves_s18.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
