@@ -25,7 +25,8 @@
 #   SETS='s1[34]', SETS=s12 cache-archived + FILES=arena-hard-v2-head500 AT=250 SEED=14 datagen-seed, FILES=... SEED=15
 #   datagen-seed, SEED=13 unarchive-seed, datagen-seed; continue-s17 | finish-s17   (seventeenth: chat first)
 #   SETS='s1[67]' + DIRS='<s13's unread slices>' cache-archived, FILES=arena-hard-v2-head500 AT='0 250' SEED=18
-#   datagen-seed; continue-s18 | finish-s18   (eighteenth: the archive no fit had read, and new chat)
+#   datagen-seed, SETS=s15 cache-archived, FILES='livecodebench gsm8k-head1000' AT=0 SEED=18 datagen-seed;
+#   continue-s18 | finish-s18   (eighteenth: the archive no fit had read, and new chat)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
