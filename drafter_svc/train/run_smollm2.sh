@@ -294,6 +294,14 @@ case "${1:-}" in
     continue_committed init18 "$(caches_s18)" ${LR:-2e-4} fit18 --draft-vocab $R/init18 ;;
   finish-s18)
     finish_run fit18 "$(caches_s18)" docs/img/loss_curves_s18.png ;;
+  continue-session)  # a later session's continuation without a stage of its own: N=19 (snapshot initN, run fitN,
+    # docs/img/loss_curves_sN.png) on CACHES (directory globs, read in the order their builds began, as
+    # caches_s18); re-run it, same N and CACHES, as cache builds add directories
+    : "${N:?N=<session number>}" "${CACHES:?CACHES=<cache directory globs>}"
+    continue_committed init$N "$(caches_by_birth $CACHES)" ${LR:-2e-4} fit$N --draft-vocab $R/init$N ;;
+  finish-session)
+    : "${N:?N=<session number>}" "${CACHES:?CACHES=<cache directory globs>}"
+    finish_run fit$N "$(caches_by_birth $CACHES)" docs/img/loss_curves_s$N.png ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
