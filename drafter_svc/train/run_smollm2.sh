@@ -118,7 +118,8 @@ caches_s17() {  # the seventeenth session's fit: the archive of seeds 12-14 as c
 }
 
 caches_s18() {  # the eighteenth session's fit: the archived answers no fit had read (seeds 16, 17 and the rest of
-  # 13) and seed 18's chat slices generated in the session, in the order their caches were begun
+  # 13), seed 15's chat cached again, and seed 18's slices generated in the session, in the order their
+  # caches were begun
   caches_by_birth $R/cache_archived/s1[3-7].*/ $R/cache_s18/*/
 }
 
