@@ -59,8 +59,12 @@ async def test_metrics_move_with_a_request():
             spec, usage = body["speculative"], body["usage"]
 
             async def settled():
+                # queue depth too: a release runs on the worker thread, which frees the KV slot (read live
+                # by kv_slots_in_use) a moment before the event loop decrements queue_depth; a scrape in
+                # between saw kv 0, queue 1 once in CI. A gauge that never returns to 0 still fails here.
                 m = await scrape(http, urls["verifier"])
                 return m if total(m, "dspark_verifier_kv_slots_in_use") == 0 and \
+                    total(m, "dspark_verifier_queue_depth") == 0 and \
                     total(m, "dspark_verifier_requests_total", status="ok") == 1 else None
             await wait_for(settled, timeout=10)
             after = {k: await scrape(http, u) for k, u in urls.items()}
