@@ -59,6 +59,15 @@ continue_committed() {  # continue_committed SNAPSHOT CACHES LR OUT [fit args...
     --init-from $R/$1 "${@:5}" --lr $3 --out $R/$4
 }
 
+continue_session() {  # continue_session N CACHE_DIRS: the committed drafter (snapshot initN) over its draft
+  # vocabulary on CACHE_DIRS, run fitN; a session re-runs it, same N and dirs, as cache builds add directories
+  continue_committed init$1 "$2" ${LR:-2e-4} fit$1 --draft-vocab $R/init$1
+}
+
+finish_session() {  # finish_session N CACHE_DIRS: finish_run for continue_session's fitN, curves loss_curves_sN.png
+  finish_run fit$1 "$2" docs/img/loss_curves_s$1.png
+}
+
 finish_run() {  # finish_run FIT CACHES CURVES_PNG [extra curves dict]: calibrate, export the default drafter, loss curves
   $PY -m dspark_common.cli train calibrate --cache $2 --run $R/$1 --plot docs/img/reliability.png
   $PY -m dspark_common.cli train export --run $R/$1 --out models/dspark-smollm2-135m
@@ -282,27 +291,27 @@ case "${1:-}" in
     finish_run fit15 "$(caches_s13)" docs/img/loss_curves_s13.png ;;
   continue-s16)  # sixteenth session: the committed drafter (snapshot init16) on the same archive as
     # caches_s13 (seeds 12-14); start it once ~2 000 sequences are cached (fit15, started on 120, overfit)
-    continue_committed init16 "$(caches_s13)" ${LR:-2e-4} fit16 --draft-vocab $R/init16 ;;
+    continue_session 16 "$(caches_s13)" ;;
   finish-s16)
-    finish_run fit16 "$(caches_s13)" docs/img/loss_curves_s16.png ;;
+    finish_session 16 "$(caches_s13)" ;;
   continue-s17)  # seventeenth session: the committed drafter (snapshot init17) on caches_s17 as they exist when
     # it (re)starts (re-run it as cache-archived and datagen-seed add directories)
-    continue_committed init17 "$(caches_s17)" ${LR:-2e-4} fit17 --draft-vocab $R/init17 ;;
+    continue_session 17 "$(caches_s17)" ;;
   finish-s17)
-    finish_run fit17 "$(caches_s17)" docs/img/loss_curves_s17.png ;;
+    finish_session 17 "$(caches_s17)" ;;
   continue-s18)  # eighteenth session: the committed drafter (snapshot init18) on caches_s18 as they exist when
     # it (re)starts (re-run it as cache-archived and datagen-seed add directories)
-    continue_committed init18 "$(caches_s18)" ${LR:-2e-4} fit18 --draft-vocab $R/init18 ;;
+    continue_session 18 "$(caches_s18)" ;;
   finish-s18)
-    finish_run fit18 "$(caches_s18)" docs/img/loss_curves_s18.png ;;
+    finish_session 18 "$(caches_s18)" ;;
   continue-session)  # a later session's continuation without a stage of its own: N=19 (snapshot initN, run fitN,
     # docs/img/loss_curves_sN.png) on CACHES (directory globs, read in the order their builds began, as
     # caches_s18); re-run it, same N and CACHES, as cache builds add directories
     : "${N:?N=<session number>}" "${CACHES:?CACHES=<cache directory globs>}"
-    continue_committed init$N "$(caches_by_birth $CACHES)" ${LR:-2e-4} fit$N --draft-vocab $R/init$N ;;
+    continue_session $N "$(caches_by_birth $CACHES)" ;;
   finish-session)
     : "${N:?N=<session number>}" "${CACHES:?CACHES=<cache directory globs>}"
-    finish_run fit$N "$(caches_by_birth $CACHES)" docs/img/loss_curves_s$N.png ;;
+    finish_session $N "$(caches_by_birth $CACHES)" ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
