@@ -27,6 +27,9 @@
 #   SETS='s1[67]' + DIRS='<s13's unread slices>' cache-archived, FILES=arena-hard-v2-head500 AT='0 250' SEED=18
 #   datagen-seed, SETS=s15 cache-archived, FILES='livecodebench gsm8k-head1000' AT=0 SEED=18 datagen-seed;
 #   continue-s18 | finish-s18   (eighteenth: the archive no fit had read, and new chat)
+#   SETS=s19 + DIRS='<s18's unread livecodebench>' cache-archived, FILES=arena-hard-v2-head500 AT='0 250' SEED=20
+#   datagen-seed, DIRS='<s18's chat>' cache-archived, FILES='livecodebench gsm8k-head1000' AT='0 250 500' SEED=20
+#   datagen-seed; N=19 CACHES=... continue-session | finish-session   (nineteenth: the generic stage's first use)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
