@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from dspark_common.errors import FailedPrecondition
 from drafter_svc import draft_vocab
 from drafter_svc.checkpoint import FROZEN_KEYS, WEIGHTS_NAME, load_checkpoint
 from drafter_svc.loading import default_layer_ids
@@ -198,6 +199,35 @@ def test_shards_written_mid_epoch_join_it_at_the_next_checkpoint(target, cache_d
     assert set(late_keys) <= set(trainer.order[trainer.pos :])
     trainer.fit()
     assert trainer.step == 3
+
+
+def test_watched_cache_patterns_take_new_directories_without_a_restart(target, cache_dir, tmp_path):
+    """A quoted glob in --cache is re-expanded at each checkpoint: a directory a cache build begins
+    beside the fit joins the running epoch, and a resume finds every directory at its position."""
+    toy_cache(target, tmp_path / "c_0", n=5, seed=1)
+    build_cache(target, tmp_path / "c_0.jsonl", tmp_path / "c_9", CacheReader(cache_dir).manifest["target_layer_ids"],
+                top_k=4, batch_size=4, shard_size=4, progress=False)  # another top_k: cannot be read with c_0
+    pattern = str(tmp_path / "c_*")
+    opts = options(steps=4, batch_seqs=1, ckpt_every=1)
+    trainer = Trainer(target, [pattern], tmp_path / "run", opts, progress=False)
+    assert trainer.reader.directories == [tmp_path / "c_0"]  # c_9 is left out, with a warning
+    assert all(k.startswith("0:") for k in trainer.reader.keys)  # prefixed from the start
+    trainer.fit(until=1)
+    toy_cache(target, tmp_path / "c_1", n=5, seed=2)
+    trainer.fit(until=2)  # the checkpoint after step 2 finds it
+    joined = [k for k in trainer.reader.keys if k.startswith("1:")]
+    assert joined and set(joined) <= set(trainer.order[trainer.pos :])
+    read, unread = trainer.order[: trainer.pos], trainer.order[trainer.pos :]
+    del trainer
+    toy_cache(target, tmp_path / "c_00", n=4, seed=3)  # sorts before c_1 but was begun after it: goes last
+    resumed = Trainer(target, [pattern], tmp_path / "run", opts, progress=False)
+    assert resumed.reader.directories == [tmp_path / "c_0", tmp_path / "c_1", tmp_path / "c_00"]
+    assert resumed.step == 2 and resumed.order[: resumed.pos] == read  # the state's keys still name them
+    assert set(unread) < set(resumed.order[resumed.pos :])
+    resumed.fit()
+    assert resumed.step == 4
+    with pytest.raises(FailedPrecondition, match="no target cache matches"):
+        Trainer(target, [str(tmp_path / "none_*")], tmp_path / "run2", opts, progress=False)
 
 
 def test_training_steps_lower_the_loss(target, cache_dir, tmp_path):

@@ -8,12 +8,14 @@ shared denominator).
 
 The run directory holds `config.json` (the draft config), `fit_options.json`, `log.jsonl` (one
 line per step), `state/training_state.pt` (trainable weights, optimizer, RNG states, step, data
-order: a restart resumes exactly where the last checkpoint was) and `loss_curves.png`."""
+order: a restart resumes exactly where the last checkpoint was; with watched cache patterns also
+`state/caches.json`, the directories in the positions its keys name) and `loss_curves.png`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -30,7 +32,7 @@ from dspark_common.errors import FailedPrecondition
 from drafter_svc import draft_vocab
 from drafter_svc.config import DSparkConfig
 from drafter_svc.dspark_model import DSparkDrafter
-from drafter_svc.train.cache import CacheReader, CachedSequence
+from drafter_svc.train.cache import MANIFEST, CacheReader, CachedSequence
 from drafter_svc.train.objective import (
     LossWeights,
     block_targets,
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = "state"
 STATE_FILE = "training_state.pt"
+CACHES_FILE = "caches.json"  # watched caches, in the positions the state's keys name
 LOG_FILE = "log.jsonl"
 
 
@@ -177,13 +180,43 @@ def sequence_sums(model: DSparkDrafter, seq: CachedSequence, anchors, keep, labe
                             seq.topk_probs[pos].to(dev), index)
 
 
+def is_pattern(arg: str) -> bool:
+    return any(c in arg for c in "*?[")
+
+
+def matching_caches(patterns: list[str]) -> list[Path]:
+    """The directories matching `patterns` (globs or plain paths) that a cache build has begun in
+    (manifest written), each once, in pattern order, then name order."""
+    out: list[Path] = []
+    for pattern in patterns:
+        for d in map(Path, sorted(glob.glob(pattern)) if is_pattern(pattern) else [pattern]):
+            if (d / MANIFEST).is_file() and d not in out:
+                out.append(d)
+    return out
+
+
 class Trainer:
     def __init__(self, target, cache_dir: str | Path | list[str | Path], run_dir: str | Path, opts: FitOptions,
                  *, progress: bool = True) -> None:
-        self.reader = CacheReader(cache_dir, "train")
+        self.run_dir = Path(run_dir)
+        items = [cache_dir] if isinstance(cache_dir, (str, Path)) else list(cache_dir)
+        # Glob patterns are watched: a directory that comes to match one (a cache build beside the
+        # fit) joins the running epoch at the next checkpoint, with no restart.
+        self.cache_patterns = [str(c) for c in items] if any(is_pattern(str(c)) for c in items) else []
+        self._skipped_caches: set[Path] = set()
+        if self.cache_patterns:
+            recorded = self.state_path.parent / CACHES_FILE
+            dirs = [Path(d) for d in json.loads(recorded.read_text())] if recorded.is_file() else []
+            dirs = [d for d in dirs if (d / MANIFEST).is_file()]
+            dirs += [d for d in matching_caches(self.cache_patterns) if d not in dirs]
+            if not dirs:
+                raise FailedPrecondition(f"no target cache matches {' '.join(self.cache_patterns)}")
+            self.reader = CacheReader(dirs[:1], "train", prefixed=True)
+            self._discover_caches(dirs[1:])
+        else:
+            self.reader = CacheReader(items, "train")
         if len(self.reader) == 0:
             raise FailedPrecondition(f"the target cache {cache_dir} has no training sequences")
-        self.run_dir = Path(run_dir)
         self.opts = opts
         self.progress = progress
         layer_ids = self.reader.manifest["target_layer_ids"]
@@ -262,6 +295,20 @@ class Trainer:
         log.info("%d train sequences joined epoch %d at step %d (%d left in it)",
                  len(fresh), self.epoch, self.step, len(rest))
 
+    def _discover_caches(self, candidates: list[Path] | None = None) -> None:
+        if not self.cache_patterns:
+            return
+        for d in matching_caches(self.cache_patterns) if candidates is None else candidates:
+            if d in self.reader.directories or d in self._skipped_caches:
+                continue
+            try:
+                self.reader.add_directories([d])
+            except FailedPrecondition as e:  # e.g. another target's cache: the fit goes on without it
+                self._skipped_caches.add(d)
+                log.warning("not reading %s: %s", d, e)
+                continue
+            log.info("reading cache %s (position %d)", d, len(self.reader.directories) - 1)
+
     def _truncate_log(self, step: int) -> None:
         path = self.run_dir / LOG_FILE
         if path.is_file():
@@ -271,6 +318,10 @@ class Trainer:
     def save_state(self) -> Path:
         path = self.state_path
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.cache_patterns:  # before the state: the list only grows, so it always covers its keys
+            recorded = path.parent / CACHES_FILE
+            recorded.with_suffix(".tmp").write_text(json.dumps([str(d) for d in self.reader.directories], indent=1))
+            recorded.with_suffix(".tmp").rename(recorded)
         tmp = path.with_suffix(".tmp")
         torch.save({
             "model": trainable_state(self.model),
@@ -355,7 +406,8 @@ class Trainer:
                 bar.set_postfix(loss=rec["loss"], tau=rec["tau_prob"], s=rec["sec"])
                 bar.update(1)
                 if self.step % self.opts.ckpt_every == 0 or self.step == end:
-                    if self.order:  # shards a cache build beside the fit has written since
+                    if self.order:  # shards (and watched directories) cache builds beside the fit wrote since
+                        self._discover_caches()
                         self.reader.refresh("train")
                         self._admit_fresh_keys()
                     self.save_state()
@@ -395,7 +447,9 @@ def plot_curves(log_path: str | Path, png_path: str | Path, extra: dict[str, str
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = FitOptions()
     p.add_argument("--model", default="smollm2", help="target model spec (for the frozen embed/lm_head)")
-    p.add_argument("--cache", nargs="+", default=["runs/smollm2/cache"], help="target cache directories (read as one)")
+    p.add_argument("--cache", nargs="+", default=["runs/smollm2/cache"],
+                   help="target cache directories (read as one); quoted glob patterns are watched: directories "
+                        "that come to match them join the running epoch at the next checkpoint")
     p.add_argument("--out", default="runs/smollm2/fit")
     for f in dataclasses.fields(FitOptions):
         default = getattr(d, f.name)

@@ -58,12 +58,15 @@ mkdir -p $R/logs $EVAL_DIR docs/img
 continue_committed() {  # continue_committed SNAPSHOT CACHES LR OUT [fit args...]: warm start from the committed drafter
   # snapshotted first: `export` overwrites models/dspark-smollm2-135m
   mkdir -p $R/$1 && cp -n models/dspark-smollm2-135m/* $R/$1/
+  set -f  # CACHES may be glob patterns, which fit itself expands (and watches)
   $PY -m dspark_common.cli train fit ${FIT_ARGS/--cache $R\/cache/--cache $2} --markov-rank 64 \
     --init-from $R/$1 "${@:5}" --lr $3 --out $R/$4
+  set +f
 }
 
-continue_session() {  # continue_session N CACHE_DIRS: the committed drafter (snapshot initN) over its draft
-  # vocabulary on CACHE_DIRS, run fitN; a session re-runs it, same N and dirs, as cache builds add directories
+continue_session() {  # continue_session N CACHE_GLOBS: the committed drafter (snapshot initN) over its draft
+  # vocabulary on the caches matching CACHE_GLOBS, run fitN; fit watches the globs, so a directory a cache
+  # build begins beside it joins at the next checkpoint (until the twentieth session a watcher restarted it)
   continue_committed init$1 "$2" ${LR:-2e-4} fit$1 --draft-vocab $R/init$1
 }
 
@@ -308,10 +311,10 @@ case "${1:-}" in
   finish-s18)
     finish_session 18 "$(caches_s18)" ;;
   continue-session)  # a later session's continuation without a stage of its own: N=19 (snapshot initN, run fitN,
-    # docs/img/loss_curves_sN.png) on CACHES (directory globs, read in the order their builds began, as
-    # caches_s18); re-run it, same N and CACHES, as cache builds add directories
+    # docs/img/loss_curves_sN.png) on CACHES (directory globs, passed to fit unexpanded: it reads the
+    # directories that match now and takes each new one at its next checkpoint, no restart needed)
     : "${N:?N=<session number>}" "${CACHES:?CACHES=<cache directory globs>}"
-    continue_session $N "$(caches_by_birth $CACHES)" ;;
+    continue_session $N "$CACHES" ;;
   finish-session)
     : "${N:?N=<session number>}" "${CACHES:?CACHES=<cache directory globs>}"
     finish_session $N "$(caches_by_birth $CACHES)" ;;
