@@ -185,13 +185,14 @@ def is_pattern(arg: str) -> bool:
 
 
 def matching_caches(patterns: list[str]) -> list[Path]:
-    """The directories matching `patterns` (globs or plain paths) that a cache build has begun in
-    (manifest written), each once, in pattern order, then name order."""
+    """The directories matching the globs of `patterns` that a cache build has begun in (manifest
+    written), and its plain paths as they are (a missing cache there is an error, not a wait), each
+    once, in pattern order, then name order."""
     out: list[Path] = []
     for pattern in patterns:
-        for d in map(Path, sorted(glob.glob(pattern)) if is_pattern(pattern) else [pattern]):
-            if (d / MANIFEST).is_file() and d not in out:
-                out.append(d)
+        found = [Path(d) for d in sorted(glob.glob(pattern)) if (Path(d) / MANIFEST).is_file()] \
+            if is_pattern(pattern) else [Path(pattern)]
+        out += [d for d in found if d not in out]
     return out
 
 
