@@ -30,6 +30,9 @@
 #   SETS=s19 + DIRS='<s18's unread livecodebench>' cache-archived, FILES=arena-hard-v2-head500 AT='0 250' SEED=20
 #   datagen-seed, DIRS='<s18's chat>' cache-archived, FILES='livecodebench gsm8k-head1000' AT='0 250 500' SEED=20
 #   datagen-seed; N=19 CACHES=... continue-session | finish-session   (nineteenth: the generic stage's first use)
+#   DIRS='<s21's chat, s20's unread livecodebench>' cache-archived, FILES=arena-hard-v2-head500 AT=0 SEED=22
+#   datagen-seed, DIRS='<s20's gsm8k, s21's livecodebench, s20's chat>' cache-archived; N=20 CACHES=... continue-session
+#   (its globs watched by fit: no restarts) | finish-session   (twentieth: not committed)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
