@@ -211,26 +211,26 @@ class CacheReader:
         self.directories: list[Path] = []
         self.manifest: dict = {}
         self.prefixed = len(dirs) > 1 if prefixed is None else prefixed
-        self.add_directories(dirs, split)
-        self.directory = self.directories[0]
-
-    def add_directories(self, dirs: list[str | Path], split: str | None = "train") -> None:
-        """Append cache directories (they take the next positions, so existing keys keep their names)
-        and re-scan."""
-        for d in map(Path, dirs):
-            mpath = d / MANIFEST
-            if not mpath.is_file():
-                raise FailedPrecondition(f"no target cache at {d} (run `dspark train cache` first)")
-            m = json.loads(mpath.read_text())
-            if self.directories:
-                differ = [k for k in COMPATIBLE_KEYS if m.get(k) != self.manifest.get(k)]
-                if differ:
-                    raise FailedPrecondition(f"caches {self.directories[0]} and {d} differ in {differ}: "
-                                             "they cannot be read as one")
-            else:
-                self.manifest = m
-            self.directories.append(d)
+        for d in dirs:
+            self.add_directory(d)
         self.refresh(split)
+
+    def add_directory(self, directory: str | Path) -> None:
+        """Append a cache directory at the next position (existing keys keep their names); its
+        sequences are read from the next `refresh`."""
+        d = Path(directory)
+        mpath = d / MANIFEST
+        if not mpath.is_file():
+            raise FailedPrecondition(f"no target cache at {d} (run `dspark train cache` first)")
+        m = json.loads(mpath.read_text())
+        if self.directories:
+            differ = [k for k in COMPATIBLE_KEYS if m.get(k) != self.manifest.get(k)]
+            if differ:
+                raise FailedPrecondition(f"caches {self.directories[0]} and {d} differ in {differ}: "
+                                         "they cannot be read as one")
+        else:
+            self.manifest = m
+        self.directories.append(d)
 
     def refresh(self, split: str | None = "train") -> None:
         """Re-scan the directories (a cache build may have added shards)."""

@@ -214,6 +214,7 @@ class Trainer:
                 raise FailedPrecondition(f"no target cache matches {' '.join(self.cache_patterns)}")
             self.reader = CacheReader(dirs[:1], "train", prefixed=True)
             self._discover_caches(dirs[1:])
+            self.reader.refresh("train")
         else:
             self.reader = CacheReader(items, "train")
         if len(self.reader) == 0:
@@ -297,13 +298,14 @@ class Trainer:
                  len(fresh), self.epoch, self.step, len(rest))
 
     def _discover_caches(self, candidates: list[Path] | None = None) -> None:
+        # the reader reads what joins at its next refresh (the caller's)
         if not self.cache_patterns:
             return
         for d in matching_caches(self.cache_patterns) if candidates is None else candidates:
             if d in self.reader.directories or d in self._skipped_caches:
                 continue
             try:
-                self.reader.add_directories([d])
+                self.reader.add_directory(d)
             except FailedPrecondition as e:  # e.g. another target's cache: the fit goes on without it
                 self._skipped_caches.add(d)
                 log.warning("not reading %s: %s", d, e)
