@@ -32,7 +32,7 @@ up: setup
 	$(BIN)/dspark up
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10
 
 clean:
 	rm -rf $(VENV) dspark_common/_proto
