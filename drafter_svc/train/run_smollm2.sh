@@ -35,7 +35,7 @@
 #   (its globs watched by fit: no restarts) | finish-session   (twentieth: not committed)
 #   SETS=A DIRS='<s21+s22 chat, s20's unread livecodebench>' and SETS=B DIRS='<s20's gsm8k, s23 chat, s21's livecodebench>'
 #   cache-archived side by side, N=21 CACHES=... continue-session at ~2 000 cached, DIRS='<s21 gsm8k 0-499>'
-#   cache-archived | finish-session   (twenty-first: the fit started after the caches, committed)
+#   cache-archived | finish-session   (twenty-first: the fit started once ~2 000 were cached, committed)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
