@@ -10,15 +10,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from dspark_common.errors import FailedPrecondition
+from dspark_common.errors import FailedPrecondition, InvalidRequest
 from drafter_svc import draft_vocab
 from drafter_svc.checkpoint import FROZEN_KEYS, WEIGHTS_NAME, load_checkpoint
+from drafter_svc.checkpoint import read_weights as init_weights
 from drafter_svc.loading import default_layer_ids
 from drafter_svc.train.cache import CacheReader, build_cache
 from drafter_svc.train.data import read_answers
 from drafter_svc.train.calibrate import calibrate, greedy_rounds
 from drafter_svc.train.evaluate import RoundOutcome, evaluate, summarize
 from drafter_svc.train.evaluate import outcome_of as outcome_of_round
+from drafter_svc.train.average import average_run
 from drafter_svc.train.export import export_run
 from drafter_svc.train.fit import FitOptions, Trainer, build_model, draft_config, load_run_model, lr_at
 from drafter_svc.train.objective import block_targets, dspark_loss_sums, sample_anchors, sparse_l1, vocab_index
@@ -307,6 +309,40 @@ def test_init_from_an_export_continues_that_drafter(target, cache_dir, tmp_path)
     with pytest.raises(Exception, match="markov_rank"):
         Trainer(target, cache_dir, tmp_path / "other", options(steps=3, markov_rank=4, init_from=str(out)),
                 progress=False)
+
+
+def test_average_interpolates_a_warm_start_with_its_init(target, cache_dir, tmp_path):
+    Trainer(target, cache_dir, tmp_path / "run", options(steps=3), progress=False).fit()
+    init = export_run(tmp_path / "run", tmp_path / "init", dtype=torch.float32)
+    Trainer(target, cache_dir, tmp_path / "warm", options(steps=3, init_from=str(init)), progress=False).fit()
+    start, end = load_run_model(tmp_path / "run").state_dict(), load_run_model(tmp_path / "warm").state_dict()
+
+    # several alphas: the score picks (here the one nearest 0.5), and the choice is recorded
+    seen = []
+
+    def score(model):
+        w = model.state_dict()["fc.weight"]
+        a = float(((w - start["fc.weight"]).norm() / (end["fc.weight"] - start["fc.weight"]).norm()))
+        seen.append(a)
+        return -abs(a - 0.5)
+
+    result = average_run(tmp_path / "warm", tmp_path / "avg", [0.0, 0.5, 1.0], score=score, target=target)
+    assert result["alpha"] == 0.5 and set(result["heldout_tau_prob"]) == {"0.0", "0.5", "1.0"}
+    assert seen == pytest.approx([0.0, 0.5, 1.0], abs=1e-5)
+    avg = load_run_model(tmp_path / "avg").state_dict()
+    trainable = [n for n in init_weights(init) if n in avg]
+    assert trainable
+    for n in trainable:
+        assert torch.allclose(avg[n], (start[n] + end[n]) / 2, atol=1e-6), n
+    # an end point: calibrated and exported like any run, never resumed
+    export_run(tmp_path / "avg", tmp_path / "avg_export", dtype=torch.float32)
+    assert (tmp_path / "avg_export" / WEIGHTS_NAME).is_file()
+    with pytest.raises(FailedPrecondition, match="averaged"):
+        Trainer(target, cache_dir, tmp_path / "avg", options(steps=3, init_from=str(init)), progress=False)
+    with pytest.raises(FailedPrecondition, match="warm-started"):
+        average_run(tmp_path / "run", tmp_path / "avg2", [0.5])
+    with pytest.raises(InvalidRequest):
+        average_run(tmp_path / "warm", tmp_path / "avg3", [0.5, 0.7])  # several alphas, nothing to choose by
 
 
 # ------------------------------------------------------------------ draft vocabulary

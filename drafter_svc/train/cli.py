@@ -4,6 +4,7 @@
     cache      target features + top-k p_t per sequence    (drafter_svc.train.cache)
     fit        train the drafter                           (drafter_svc.train.fit)
     calibrate  STS temperatures on held-out blocks         (drafter_svc.train.calibrate)
+    average    a warm-started run interpolated with its init (drafter_svc.train.average)
     export     DeepSpec-format checkpoint directory        (drafter_svc.train.export)
     vocab      the checkpoint's draft vocabulary           (drafter_svc.train.vocab)
     validate   training metrics on held-out sequences      (drafter_svc.train.validate)
@@ -22,6 +23,7 @@ STEPS: dict[str, tuple[str, str]] = {
     "cache": ("drafter_svc.train.cache", "build the target cache: layer features + top-k next-token probs"),
     "fit": ("drafter_svc.train.fit", "train the DSpark drafter on the cache (resumable)"),
     "calibrate": ("drafter_svc.train.calibrate", "fit STS confidence temperatures on held-out data"),
+    "average": ("drafter_svc.train.average", "interpolate a warm-started fit run with the drafter it started from"),
     "export": ("drafter_svc.train.export", "write the DeepSpec-format checkpoint directory"),
     "vocab": ("drafter_svc.train.vocab", "choose the checkpoint's draft vocabulary from the training answers"),
     "validate": ("drafter_svc.train.validate", "held-out tau_prob and loss terms of a fit run or exported drafter"),

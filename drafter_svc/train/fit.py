@@ -257,6 +257,9 @@ class Trainer:
             if changed:
                 raise FailedPrecondition(f"cannot resume {self.run_dir}: options changed {changed}")
             state = torch.load(self.state_path, weights_only=False, map_location="cpu")
+            if state.get("averaged"):
+                raise FailedPrecondition(f"{self.run_dir} holds averaged weights (dspark train average): "
+                                         "an end point to calibrate and export, not a fit to resume")
             self.model.load_state_dict(state["model"], strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
             self.step, self.epoch, self.order, self.pos = state["step"], state["epoch"], state["order"], state["pos"]

@@ -36,6 +36,10 @@
 #   SETS=A DIRS='<s21+s22 chat, s20's unread livecodebench>' and SETS=B DIRS='<s20's gsm8k, s23 chat, s21's livecodebench>'
 #   cache-archived side by side, N=21 CACHES=... continue-session at ~2 000 cached, DIRS='<s21 gsm8k 0-499>'
 #   cache-archived | finish-session   (twenty-first: the fit started once ~2 000 were cached, committed)
+#   SETS=A DIRS='<s23 ah 250-499, s24+s26 chat>' and SETS=B DIRS='<s21 gsm8k 500-999, s25 gsm8k, s24 livecodebench>'
+#   cache-archived side by side, N=22 CACHES='runs/smollm2/cache_archived/*/ runs/smollm2/cache_s2[7-9]/*/' continue-session
+#   at ~1 870 cached, FILES=livecodebench AT='0 250' SEED=27 datagen-seed beside it | average-session   (twenty-second:
+#   the fit interpolated with the drafter it started from, alpha by held-out tau_prob)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
@@ -78,6 +82,12 @@ continue_session() {  # continue_session N CACHE_GLOBS: the committed drafter (s
 
 finish_session() {  # finish_session N CACHE_DIRS: finish_run for continue_session's fitN, curves loss_curves_sN.png
   finish_run fit$1 "$2" docs/img/loss_curves_s$1.png
+}
+
+average_session() {  # average_session N CACHE_DIRS: fitN interpolated with initN (`train average`, the alpha of best
+  # held-out tau_prob among ALPHAS) as run avgN, then finish_run on it (twenty-second session on)
+  $PY -m dspark_common.cli train average --run $R/fit$1 --out $R/avg$1 --alpha ${ALPHAS:-0.25 0.5 0.75 1.0} --cache $2
+  finish_run avg$1 "$2" docs/img/loss_curves_s$1.png
 }
 
 finish_run() {  # finish_run FIT CACHES CURVES_PNG [extra curves dict]: calibrate, export the default drafter, loss curves
@@ -324,6 +334,9 @@ case "${1:-}" in
   finish-session)
     : "${N:?N=<session number>}" "${CACHES:?CACHES=<cache directory globs>}"
     finish_session $N "$(caches_by_birth $CACHES)" ;;
+  average-session)  # instead of finish-session: the fit averaged with the drafter it started from, then finished
+    : "${N:?N=<session number>}" "${CACHES:?CACHES=<cache directory globs>}"
+    average_session $N "$(caches_by_birth $CACHES)" ;;
   continue-s4)  # seventh session: the committed drafter (snapshot init7) trained on datagen-s4's caches
     continue_committed init7 "$CACHES7" ${LR:-2e-4} fit7 --draft-vocab $R/init7 ;;
   finish-s4)
