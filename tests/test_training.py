@@ -327,7 +327,7 @@ def test_average_interpolates_a_warm_start_with_its_init(target, cache_dir, tmp_
         return -abs(a - 0.5)
 
     result = average_run(tmp_path / "warm", tmp_path / "avg", [0.0, 0.5, 1.0], score=score, target=target)
-    assert result["alpha"] == 0.5 and set(result["heldout_tau_prob"]) == {"0.0", "0.5", "1.0"}
+    assert result["alpha"] == 0.5 and set(result["scores"]) == {"0.0", "0.5", "1.0"}
     assert seen == pytest.approx([0.0, 0.5, 1.0], abs=1e-5)
     avg = load_run_model(tmp_path / "avg").state_dict()
     trainable = [n for n in init_weights(init) if n in avg]
@@ -343,6 +343,8 @@ def test_average_interpolates_a_warm_start_with_its_init(target, cache_dir, tmp_
         average_run(tmp_path / "run", tmp_path / "avg2", [0.5])
     with pytest.raises(InvalidRequest):
         average_run(tmp_path / "warm", tmp_path / "avg3", [0.5, 0.7])  # several alphas, nothing to choose by
+    with pytest.raises(FailedPrecondition, match="not a fit run"):
+        average_run(tmp_path / "init", tmp_path / "avg4", [0.5])
 
 
 # ------------------------------------------------------------------ draft vocabulary

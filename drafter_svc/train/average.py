@@ -40,8 +40,8 @@ def average_run(run_dir: str | Path, out_dir: str | Path, alphas: list[float], *
                 score: Callable[[DSparkDrafter], float] | None = None, target=None) -> dict:
     """Write the interpolation of `run_dir` with its init (`fit_options.json`'s init_from unless
     `init_dir`) to `out_dir`. With several `alphas`, `score(model)` (higher is better; the model
-    gets `target`'s frozen embed/lm_head) picks one; the result (alpha, init, scores) is also
-    written to `out_dir/average.json`."""
+    gets `target`'s frozen embed/lm_head; the CLI's is held-out τ_prob) picks one; the result
+    (alpha, init, scores) is also written to `out_dir/average.json`."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
         raise InvalidRequest(f"alphas must be in [0, 1], got {alphas}")
@@ -49,7 +49,10 @@ def average_run(run_dir: str | Path, out_dir: str | Path, alphas: list[float], *
         raise InvalidRequest("several alphas need a score to choose between them")
     if out_dir.resolve() == run_dir.resolve():
         raise InvalidRequest("the averaged run must go to a new directory, not over its source")
-    init_dir = Path(init_dir or json.loads((run_dir / "fit_options.json").read_text()).get("init_from") or "")
+    if not (run_dir / STATE_DIR / STATE_FILE).is_file():
+        raise FailedPrecondition(f"no training state in {run_dir}: not a fit run")
+    options = run_dir / "fit_options.json"
+    init_dir = Path(init_dir or (json.loads(options.read_text()) if options.is_file() else {}).get("init_from") or "")
     if not str(init_dir) or str(init_dir) == ".":
         raise FailedPrecondition(f"{run_dir} was not warm-started (no init_from); name the initial drafter")
     state = torch.load(run_dir / STATE_DIR / STATE_FILE, weights_only=False, map_location="cpu")
@@ -74,7 +77,7 @@ def average_run(run_dir: str | Path, out_dir: str | Path, alphas: list[float], *
     torch.save({"model": interpolate(init, state["model"], alpha), "step": state["step"], "averaged": True,
                 "options": state.get("options"), "config": state.get("config")}, out_dir / STATE_DIR / STATE_FILE)
     result = {"run": str(run_dir), "init": str(init_dir), "alpha": alpha,
-              "heldout_tau_prob": {str(a): round(s, 4) for a, s in scores.items()}}
+              "scores": {str(a): round(s, 4) for a, s in scores.items()}}
     (out_dir / "average.json").write_text(json.dumps(result, indent=2))
     return result
 
