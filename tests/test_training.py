@@ -12,8 +12,7 @@ import torch
 
 from dspark_common.errors import FailedPrecondition, InvalidRequest
 from drafter_svc import draft_vocab
-from drafter_svc.checkpoint import FROZEN_KEYS, WEIGHTS_NAME, load_checkpoint
-from drafter_svc.checkpoint import read_weights as init_weights
+from drafter_svc.checkpoint import FROZEN_KEYS, WEIGHTS_NAME, load_checkpoint, read_weights
 from drafter_svc.loading import default_layer_ids
 from drafter_svc.train.cache import CacheReader, build_cache
 from drafter_svc.train.data import read_answers
@@ -330,7 +329,7 @@ def test_average_interpolates_a_warm_start_with_its_init(target, cache_dir, tmp_
     assert result["alpha"] == 0.5 and set(result["scores"]) == {"0.0", "0.5", "1.0"}
     assert seen == pytest.approx([0.0, 0.5, 1.0], abs=1e-5)
     avg = load_run_model(tmp_path / "avg").state_dict()
-    trainable = [n for n in init_weights(init) if n in avg]
+    trainable = [n for n in read_weights(init) if n in avg]
     assert trainable
     for n in trainable:
         assert torch.allclose(avg[n], (start[n] + end[n]) / 2, atol=1e-6), n
