@@ -40,6 +40,9 @@
 #   cache-archived side by side, N=22 CACHES='runs/smollm2/cache_archived/*/ runs/smollm2/cache_s2[7-9]/*/' continue-session
 #   at ~1 870 cached, FILES=livecodebench AT='0 250' SEED=27 datagen-seed beside it | average-session   (twenty-second:
 #   the fit interpolated with the drafter it started from, alpha by held-out tau_prob)
+#   SETS=A DIRS='<s27's unread slices>' cache-archived then FILES='arena-hard-v2-head500 gsm8k-head1000' AT='0 250' SEED=28
+#   datagen-seed, and SEED=27 unarchive-seed + FILES='livecodebench gsm8k-head1000' AT='500 750 1000' SEED=27 datagen-seed;
+#   N=23 CACHES=... STEPS=6000 continue-session at ~2 000 cached | average-session   (twenty-third)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
