@@ -134,10 +134,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default="", help="write a PNG of conditional acceptance by position")
     p.add_argument("--replay", action="store_true",
-                   help="greedy only: replay the rounds on the target's greedy path (train/replay.py) instead "
-                   "of running the decode loop; ~40x cheaper, same rounds up to float near-ties")
+                   help="instead of running the decode loop: at T=0 replay the rounds on the target's greedy path "
+                   "(train/replay.py; ~40x cheaper, same rounds up to float near-ties); at T>0 the expected rounds "
+                   "along one seeded target sample per prompt (train/expected_replay.py; no sampling noise)")
     p.add_argument("--replay-cache", default="",
-                   help="directory to keep the target's greedy paths + features in, reused across drafters")
+                   help="directory to keep the target's paths + features in, reused across drafters")
     GenerateSettings.add_arguments(p)
     # τ here is the drafter's own unless asked: copies from the sequence (--ngram-lookup) are the
     # decode loop's, and mixing them in would hide what training bought.
@@ -180,6 +181,46 @@ def evaluate_replay(target, tokenizer, drafter, prompts: list[str], *, block_siz
     return summary
 
 
+def evaluate_expected(target, tokenizer, drafter, prompts: list[str], *, block_size: int, max_new_tokens: int,
+                      stop_ids, sampling, seed: int, cache_file: Path | None = None, progress: bool = True) -> dict:
+    """τ at T > 0 as expected rounds along one seeded target sample per prompt (train/expected_replay.py)."""
+    import torch
+    from tqdm import tqdm
+
+    from drafter_svc.train.expected_replay import (
+        acceptance_probabilities, expected_walk, sampled_paths, summarize_walks,
+    )
+    from verifier_svc.target_loading import chat_prompt_ids
+
+    t0 = time.perf_counter()
+    layers = list(drafter.config.target_layer_ids)
+    key = {"prompts": prompts, "max_new_tokens": max_new_tokens, "layers": layers, "seed": seed,
+           "sampling": [sampling.temperature, sampling.top_p, sampling.top_k]}
+    paths = None
+    if cache_file is not None and cache_file.is_file():
+        saved = torch.load(cache_file, weights_only=False)
+        paths = saved["paths"] if saved["key"] == key else None
+    if paths is None:
+        ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        paths = sampled_paths(target, ids, sampling=sampling, seed=seed, max_new_tokens=max_new_tokens,
+                              stop_ids=stop_ids, layer_ids=layers, pad_id=pad)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": key, "paths": paths}, cache_file)
+    walks = []
+    for path in tqdm(paths, desc="expected replay", unit="prompt", disable=not progress):
+        beta = acceptance_probabilities(drafter, path, sampling, block_size)
+        walks.append(expected_walk(beta, path.tokens, block_size=block_size, max_new_tokens=max_new_tokens,
+                                   stop_ids=stop_ids))
+    summary = summarize_walks(walks, block_size)
+    tail = [1.0 - float(p.target_probs.sum(-1).mean()) for p in paths if p.target_probs.numel()]
+    summary.update(prompts=len(prompts), generated_tokens=sum(len(p.tokens) for p in paths), method="expected_replay",
+                   seed=seed, target_tail_mass=round(max(tail, default=0.0), 6),
+                   seconds=round(time.perf_counter() - t0, 1))
+    return summary
+
+
 def run(args: argparse.Namespace) -> int:
     from dspark_common.settings import GenerateSettings
 
@@ -218,12 +259,11 @@ def _report(args: argparse.Namespace, results: dict, dataset: str, drafter_name:
 def _run_replay(args: argparse.Namespace, settings) -> int:
     import torch
 
-    from dspark_common.errors import InvalidRequest
+    from dspark_common.types import SamplingParams
     from drafter_svc.loading import load_drafter
     from verifier_svc.target_loading import load_target, stop_token_ids
 
-    if args.temperature != 0:
-        raise InvalidRequest("--replay is exact for greedy verification only (use --temperature 0)", "temperature")
+    sampling = SamplingParams(temperature=args.temperature).validate()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     target = load_target(settings.model)
@@ -232,6 +272,14 @@ def _run_replay(args: argparse.Namespace, settings) -> int:
     results: dict[str, dict] = {}
     for dataset in args.dataset:
         prompts = load_prompts(dataset, args.limit)
+        if not sampling.greedy:
+            cache = (Path(args.replay_cache) / f"{Path(dataset).stem}_n{len(prompts)}_m{args.max_new_tokens}"
+                     f"_t{args.temperature:g}_s{args.seed}.pt" if args.replay_cache else None)
+            res = evaluate_expected(target.model, target.tokenizer, drafter, prompts, block_size=args.block_size,
+                                    max_new_tokens=args.max_new_tokens, stop_ids=stops, sampling=sampling,
+                                    seed=args.seed, cache_file=cache, progress=not args.json)
+            _report(args, results, dataset, drafter_name, res)
+            continue
         cache = (Path(args.replay_cache) / f"{Path(dataset).stem}_n{len(prompts)}_m{args.max_new_tokens}.pt"
                  if args.replay_cache else None)
         res = evaluate_replay(target.model, target.tokenizer, drafter, prompts, block_size=args.block_size,
@@ -239,5 +287,6 @@ def _run_replay(args: argparse.Namespace, settings) -> int:
                               progress=not args.json, lookup=settings.lookup_config())
         _report(args, results, dataset, drafter_name, res)
     if args.plot:
-        plot_acceptance(results, args.plot, f"{drafter_name}, T=0 (replay)")
+        how = "replay" if sampling.greedy else "expected replay"
+        plot_acceptance(results, args.plot, f"{drafter_name}, T={args.temperature:g} ({how})")
     return 0

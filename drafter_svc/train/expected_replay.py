@@ -1,0 +1,209 @@
+"""Sampled acceptance without sampling noise: expected rounds along one sampled target path.
+
+At T > 0 the decode loop's τ is itself random twice over: the text depends on the accept/reject
+draws, and each round's accepted length is a draw. Two drafters are then compared on different
+texts, and a 50-prompt table moves by ~0.2 between seeds (docs/TRAINING.md, twenty-third session).
+
+Speculative sampling commits text distributed exactly as the target's own samples, whatever the
+drafter. So fix one target sample per prompt (seeded) and take expectations over everything else:
+a block drafted at anchor i (teacher-forced on the path, as `replay.py` does) accepts slot j with
+probability β_ij = Σ_v min(p(v), q(v)), p the target's processed distribution for token i + j,
+q the drafter's as `DraftEngine` samples it (top 8, renormalised; its sequential head conditioned
+on the path's token j − 1). A round from anchor
+i accepts m drafts with probability Π_{j≤m} β_ij · (1 − β_i,m+1) and the next round starts at
+i + m + 1; `expected_walk` carries the probability that a round starts at each position through
+DecodeLoop's rules (those of `replay_rounds`) and returns expected rounds and committed tokens.
+τ is then Σ E[committed] / Σ E[rounds] over the prompts — the micro-average the loop reports,
+as a ratio of expectations — with no draw left in it: two drafters are compared on the same
+paths, and one drafter gives the same figure every time.
+
+It is an estimator, with three approximations, all stated: the sequential head is fed the path's
+tokens where the loop feeds its own accepted draft (an accepted draft is distributed as
+min(p, q)/β, not as p); the walk takes a round's outcome as independent of the path's tokens (in
+the loop, whether draft j was accepted and which token followed are correlated, so where rounds
+start is too); and p is kept as its top `TOP_K` (the mass beyond, reported as `target_tail_mass`,
+bounds what β can be underestimated by). docs/TRAINING.md compares it with the decode loop on
+the eval prompts. At T = 0 (β ∈ {0, 1}) the walk is
+exactly `replay_rounds` (tests/test_expected_replay.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dspark_common.sampling import processed_probs
+from dspark_common.types import SamplingParams
+from drafter_svc.draft_vocab import DraftHeads
+from drafter_svc.dspark_model import DSparkDrafter
+
+TOP_K = 1024  # target probabilities kept per position; SmolLM2's mass beyond is ~1e-3 at T = 1
+
+
+@dataclass
+class SampledPath:
+    prompt_ids: list[int]
+    tokens: list[int]  # one target sample (ends at a stop token or the budget)
+    features: torch.Tensor  # [len(prompt) + len(tokens), T*d] fp32 target features along the path
+    target_ids: torch.Tensor  # [len(tokens) − 1, TOP_K] int32: top ids of p for tokens 1.. (0 is the prefill's)
+    target_probs: torch.Tensor  # [len(tokens) − 1, TOP_K] fp32
+
+
+@torch.inference_mode()
+def sampled_paths(target, prompts: Sequence[list[int]], *, sampling: SamplingParams, seed: int, max_new_tokens: int,
+                  stop_ids: Iterable[int], layer_ids: Sequence[int], batch_size: int = 16, pad_id: int = 0,
+                  top_k: int = TOP_K) -> list[SampledPath]:
+    """One target sample per prompt (batch b seeded with seed + b), then one right-padded forward over
+    prompt + sample for the features and the processed next-token distributions along it."""
+    from drafter_svc.train.datagen import left_padded
+
+    if sampling.greedy:
+        raise ValueError("sampled paths need temperature > 0 (greedy paths: replay.greedy_paths)")
+    stops = sorted(set(stop_ids))
+    head = target.get_output_embeddings()
+    out: list[SampledPath] = []
+    for b in range(0, len(prompts), batch_size):
+        batch = [list(p) for p in prompts[b : b + batch_size]]
+        ids, mask = left_padded(batch, pad_id)
+        width = ids.shape[1]
+        torch.manual_seed(seed + b)
+        # top_k / top_p passed explicitly: generation_config defaults (top_k 50) would otherwise apply.
+        gen = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
+                              temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                              eos_token_id=stops, pad_token_id=pad_id)
+        conts = []
+        for row in gen[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), None)
+            conts.append(row[: cut + 1] if cut is not None else row)
+        full = [p + c for p, c in zip(batch, conts)]
+        span = max(len(f) for f in full)
+        fwd_ids = torch.full((len(full), span), pad_id, dtype=torch.long)
+        attn = torch.zeros(len(full), span, dtype=torch.long)
+        for i, f in enumerate(full):
+            fwd_ids[i, : len(f)] = torch.tensor(f)
+            attn[i, : len(f)] = 1
+        o = target.base_model(input_ids=fwd_ids, attention_mask=attn, output_hidden_states=True)
+        feats = torch.cat([o.hidden_states[i + 1] for i in layer_ids], dim=-1)
+        for i, (p, c) in enumerate(zip(batch, conts)):
+            n_p, n_c = len(p), len(c)
+            # position n_p + r predicts continuation token r + 1
+            probs = processed_probs(head(o.last_hidden_state[i, n_p : n_p + n_c - 1]), sampling)
+            k = min(top_k, probs.shape[-1])
+            top = probs.topk(k, dim=-1)
+            out.append(SampledPath(p, c, feats[i, : n_p + n_c].float().contiguous(),
+                                   top.indices.to(torch.int32), top.values.float()))
+    return out
+
+
+@torch.inference_mode()
+def acceptance_probabilities(model: DSparkDrafter, path: SampledPath, sampling: SamplingParams,
+                             block_size: int, proposal_top_k: int = 8) -> torch.Tensor:
+    """β [len(tokens) − 1, block_size]: row i is the block drafted with tokens[i] as anchor, column j
+    the probability that speculative sampling accepts its draft j + 1 (0 past the path's end). q is
+    what `DraftEngine` samples from: the processed distribution's top `proposal_top_k`, renormalised."""
+    if block_size > model.config.block_size:
+        raise ValueError(f"block size {block_size} exceeds the drafter's {model.config.block_size}")
+    n_p, n = len(path.prompt_ids), len(path.tokens)
+    n_anchor = n - 1
+    if n_anchor <= 0:
+        return torch.zeros(0, block_size)
+    ids = torch.tensor(path.prompt_ids + path.tokens, dtype=torch.long)
+    anchors = torch.arange(n_p, n_p + n_anchor)
+    keep = torch.ones(n_anchor, dtype=torch.bool)
+    out = model.forward_train(path.features[None].to(model.dtype), ids[None], anchors[None], keep[None],
+                              model.draft_vocab)
+    heads = DraftHeads(model, model.draft_vocab)
+    h = out.hidden[0]  # [N, B, d]
+    base = heads.logits(h)
+    tokens = torch.tensor(path.tokens, dtype=torch.long)
+    beta = torch.zeros(n_anchor, block_size)
+    prev = ids[anchors]
+    state = None
+    for k in range(block_size):
+        z, state = model.markov_features(prev, h[:, k], state)
+        logits = base[:, k] if z is None else base[:, k] + heads.markov_bias(z)
+        q, q_cols = processed_probs(logits, sampling).topk(min(proposal_top_k, base.shape[-1]), dim=-1)
+        q = (q / q.sum(-1, keepdim=True)).cpu()
+        q_ids = heads.token_ids(q_cols).cpu()  # [N, k] token ids
+        rows = torch.arange(n_anchor) + k  # target distribution of token i + k + 1
+        valid = rows < n_anchor
+        rows = rows.clamp(max=n_anchor - 1)
+        # p at q's support: ids beyond the target's kept top count as 0 (β is then a lower bound)
+        same = q_ids[:, :, None] == path.target_ids[rows].long()[:, None, :]  # [N, k, TOP_K]
+        p_at = (same * path.target_probs[rows][:, None, :]).sum(-1)
+        beta[:, k] = torch.where(valid, torch.minimum(p_at, q).sum(-1), torch.zeros(()))
+        # teacher forcing: the next slot's head sees the path's token
+        prev = tokens[(torch.arange(n_anchor) + k + 1).clamp(max=n - 1)]
+    return beta
+
+
+@dataclass
+class ExpectedWalk:
+    rounds: float
+    committed: float
+    acceptance_length: float  # Σ E[accepted + bonus], the stop-on-draft rounds without a bonus
+    proposed: float
+    hit: list[float]  # by slot k: E[rounds accepting ≥ k]
+    reached: list[float]  # E[rounds that verified slot k with all before it accepted]
+    offered: list[float]  # E[rounds that verified slot k]
+
+
+def expected_walk(beta: torch.Tensor | list[list[float]], tokens: list[int], *, block_size: int,
+                  max_new_tokens: int, stop_ids: Iterable[int]) -> ExpectedWalk:
+    """DecodeLoop's fixed-block rounds over a fixed path (`replay_rounds`' rules) in expectation:
+    `beta[i][j]` is the probability that the round anchored at tokens[i] accepts draft j + 1."""
+    stops = set(stop_ids)
+    n = len(tokens)
+    b = [list(map(float, row)) for row in (beta.tolist() if isinstance(beta, torch.Tensor) else beta)]
+    start = [0.0] * (n + block_size + 2)
+    start[0] = 1.0  # token 0 is the prefill's; the first round is anchored on it
+    w = ExpectedWalk(0.0, 0.0, 0.0, 0.0, [0.0] * block_size, [0.0] * block_size, [0.0] * block_size)
+    for i in range(n):
+        r = start[i]
+        if r == 0.0 or tokens[i] in stops or i + 1 >= max_new_tokens:
+            continue
+        if i >= len(b):  # the path ends without a stop token before the budget (an incomplete path)
+            break
+        # the loop verifies what the budget allows, not knowing where the text ends (β is 0 past it)
+        k_max = max(0, min(block_size, max_new_tokens - (i + 1) - 1))
+        survive = 1.0  # P(first m drafts accepted)
+        for m in range(k_max + 1):
+            p_m = survive * ((1.0 - b[i][m]) if m < k_max else 1.0)  # exactly m accepted
+            if m < k_max:
+                w.offered[m] += r
+                w.reached[m] += r * survive
+                w.hit[m] += r * survive * b[i][m]
+            stop_at = next((j for j in range(m) if tokens[i + 1 + j] in stops), None)
+            if stop_at is not None:  # an accepted stop token ends the round and the text, no bonus
+                w.rounds += r * p_m
+                w.proposed += r * p_m * k_max
+                w.committed += r * p_m * (stop_at + 1)
+                w.acceptance_length += r * p_m * (stop_at + 1)
+            elif i + 1 + m < n:
+                w.rounds += r * p_m
+                w.proposed += r * p_m * k_max
+                w.committed += r * p_m * (m + 1)
+                w.acceptance_length += r * p_m * (m + 1)
+                start[i + m + 1] += r * p_m
+            if m < k_max:
+                survive *= b[i][m]
+    return w
+
+
+def summarize_walks(walks: list[ExpectedWalk], block_size: int) -> dict:
+    """`evaluate.summarize`'s figures from expected walks (ratios of summed expectations)."""
+    rounds = sum(w.rounds for w in walks)
+    cond, survival = [], []
+    for k in range(block_size):
+        hit, reached, offered = (sum(getattr(w, f)[k] for w in walks) for f in ("hit", "reached", "offered"))
+        cond.append(hit / reached if reached > 1e-12 else None)
+        survival.append(hit / offered if offered > 1e-12 else None)
+    return {
+        "tau": sum(w.committed for w in walks) / rounds if rounds else 0.0,
+        "tau_uncapped": sum(w.acceptance_length for w in walks) / rounds if rounds else 0.0,
+        "rounds": round(rounds, 2),
+        "conditional_acceptance": cond,
+        "prefix_survival": survival,
+        "mean_proposed": sum(w.proposed for w in walks) / rounds if rounds else 0.0,
+    }
