@@ -93,7 +93,7 @@ def test_near_greedy_sampling_reproduces_the_greedy_replay():
     for g, s in zip(greedy, sampled):
         assert s.tokens == g.tokens
         want = summarize(replay_path(drafter, g, block_size=5, max_new_tokens=30, stop_ids=[]), 5)
-        beta = acceptance_probabilities(drafter, s, sampling, 5)
+        beta = acceptance_probabilities(drafter, target.get_output_embeddings(), s, sampling, 5)
         assert set(beta.round(decimals=3).unique().tolist()) <= {0.0, 1.0}
         got = summarize_walks([expected_walk(beta, s.tokens, block_size=5, max_new_tokens=30, stop_ids=[])], 5)
         assert got["rounds"] == want["rounds"] and got["tau"] == pytest.approx(want["tau"])
@@ -114,7 +114,7 @@ def test_acceptance_is_the_overlap_of_target_and_draft_distributions():
     sampling = SamplingParams(temperature=1.0)
     (path,) = sampled_paths(target, [[5, 9, 13, 2]], sampling=sampling, seed=0, max_new_tokens=12, stop_ids=[],
                             layer_ids=drafter.config.target_layer_ids)
-    beta = acceptance_probabilities(drafter, path, sampling, 4, proposal_top_k=8)
+    beta = acceptance_probabilities(drafter, target.get_output_embeddings(), path, sampling, 4, proposal_top_k=8)
     assert beta.shape == (len(path.tokens) - 1, 4) and bool(((beta >= 0) & (beta <= 1 + 1e-6)).all())
     ids = torch.tensor(path.prompt_ids + path.tokens)
     n_p = len(path.prompt_ids)

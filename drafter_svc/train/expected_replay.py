@@ -7,7 +7,8 @@ texts, and a 50-prompt table moves by ~0.2 between seeds (docs/TRAINING.md, twen
 Speculative sampling commits text distributed exactly as the target's own samples, whatever the
 drafter. So fix one target sample per prompt (seeded) and take expectations over everything else:
 a block drafted at anchor i (teacher-forced on the path, as `replay.py` does) accepts slot j with
-probability β_ij = Σ_v min(p(v), q(v)), p the target's processed distribution for token i + j,
+probability β_ij = Σ_v min(p(v), q(v)), p the target's processed distribution for token i + j (recomputed exactly from
+the target's final hidden state along the path, which the path keeps),
 q the drafter's as `DraftEngine` samples it (top 8, renormalised; its sequential head conditioned
 on the path's token j − 1). A round from anchor
 i accepts m drafts with probability Π_{j≤m} β_ij · (1 − β_i,m+1) and the next round starts at
@@ -17,13 +18,11 @@ DecodeLoop's rules (those of `replay_rounds`) and returns expected rounds and co
 as a ratio of expectations — with no draw left in it: two drafters are compared on the same
 paths, and one drafter gives the same figure every time.
 
-It is an estimator, with three approximations, all stated: the sequential head is fed the path's
+It is an estimator, with two approximations, both stated: the sequential head is fed the path's
 tokens where the loop feeds its own accepted draft (an accepted draft is distributed as
-min(p, q)/β, not as p); the walk takes a round's outcome as independent of the path's tokens (in
-the loop, whether draft j was accepted and which token followed are correlated, so where rounds
-start is too); and p is kept as its top `TOP_K` (the mass beyond, reported as `target_tail_mass`,
-bounds what β can be underestimated by). docs/TRAINING.md compares it with the decode loop on
-the eval prompts. At T = 0 (β ∈ {0, 1}) the walk is
+min(p, q)/β, not as p), and the walk takes a round's outcome as independent of the path's tokens
+(in the loop, whether draft j was accepted and which token followed are correlated, so where
+rounds start is too). docs/TRAINING.md compares it with the decode loop on the eval prompts. At T = 0 (β ∈ {0, 1}) the walk is
 exactly `replay_rounds` (tests/test_expected_replay.py)."""
 
 from __future__ import annotations
@@ -38,30 +37,27 @@ from dspark_common.types import SamplingParams
 from drafter_svc.draft_vocab import DraftHeads
 from drafter_svc.dspark_model import DSparkDrafter
 
-TOP_K = 1024  # target probabilities kept per position; SmolLM2's mass beyond is ~1e-3 at T = 1
-
-
 @dataclass
 class SampledPath:
     prompt_ids: list[int]
     tokens: list[int]  # one target sample (ends at a stop token or the budget)
     features: torch.Tensor  # [len(prompt) + len(tokens), T*d] fp32 target features along the path
-    target_ids: torch.Tensor  # [len(tokens) − 1, TOP_K] int32: top ids of p for tokens 1.. (0 is the prefill's)
-    target_probs: torch.Tensor  # [len(tokens) − 1, TOP_K] fp32
+    # [len(tokens) − 1, d] fp32: the target's final-normed hidden state (lm_head input) whose
+    # distribution gives tokens 1.. (token 0 is the prefill's); 600x smaller than the distributions
+    target_hidden: torch.Tensor
 
 
 @torch.inference_mode()
 def sampled_paths(target, prompts: Sequence[list[int]], *, sampling: SamplingParams, seed: int, max_new_tokens: int,
-                  stop_ids: Iterable[int], layer_ids: Sequence[int], batch_size: int = 16, pad_id: int = 0,
-                  top_k: int = TOP_K) -> list[SampledPath]:
+                  stop_ids: Iterable[int], layer_ids: Sequence[int], batch_size: int = 16,
+                  pad_id: int = 0) -> list[SampledPath]:
     """One target sample per prompt (batch b seeded with seed + b), then one right-padded forward over
-    prompt + sample for the features and the processed next-token distributions along it."""
+    prompt + sample for the features and the final hidden states along it."""
     from drafter_svc.train.datagen import left_padded
 
     if sampling.greedy:
         raise ValueError("sampled paths need temperature > 0 (greedy paths: replay.greedy_paths)")
     stops = sorted(set(stop_ids))
-    head = target.get_output_embeddings()
     out: list[SampledPath] = []
     for b in range(0, len(prompts), batch_size):
         batch = [list(p) for p in prompts[b : b + batch_size]]
@@ -88,17 +84,14 @@ def sampled_paths(target, prompts: Sequence[list[int]], *, sampling: SamplingPar
         for i, (p, c) in enumerate(zip(batch, conts)):
             n_p, n_c = len(p), len(c)
             # position n_p + r predicts continuation token r + 1
-            probs = processed_probs(head(o.last_hidden_state[i, n_p : n_p + n_c - 1]), sampling)
-            k = min(top_k, probs.shape[-1])
-            top = probs.topk(k, dim=-1)
             out.append(SampledPath(p, c, feats[i, : n_p + n_c].float().contiguous(),
-                                   top.indices.to(torch.int32), top.values.float()))
+                                   o.last_hidden_state[i, n_p : n_p + n_c - 1].float().contiguous()))
     return out
 
 
 @torch.inference_mode()
-def acceptance_probabilities(model: DSparkDrafter, path: SampledPath, sampling: SamplingParams,
-                             block_size: int, proposal_top_k: int = 8) -> torch.Tensor:
+def acceptance_probabilities(model: DSparkDrafter, target_head: torch.nn.Module, path: SampledPath,
+                             sampling: SamplingParams, block_size: int, proposal_top_k: int = 8) -> torch.Tensor:
     """β [len(tokens) − 1, block_size]: row i is the block drafted with tokens[i] as anchor, column j
     the probability that speculative sampling accepts its draft j + 1 (0 past the path's end). q is
     what `DraftEngine` samples from: the processed distribution's top `proposal_top_k`, renormalised."""
@@ -117,6 +110,7 @@ def acceptance_probabilities(model: DSparkDrafter, path: SampledPath, sampling: 
     h = out.hidden[0]  # [N, B, d]
     base = heads.logits(h)
     tokens = torch.tensor(path.tokens, dtype=torch.long)
+    p_all = processed_probs(target_head(path.target_hidden), sampling)  # [N, V] by token id
     beta = torch.zeros(n_anchor, block_size)
     prev = ids[anchors]
     state = None
@@ -129,9 +123,7 @@ def acceptance_probabilities(model: DSparkDrafter, path: SampledPath, sampling: 
         rows = torch.arange(n_anchor) + k  # target distribution of token i + k + 1
         valid = rows < n_anchor
         rows = rows.clamp(max=n_anchor - 1)
-        # p at q's support: ids beyond the target's kept top count as 0 (β is then a lower bound)
-        same = q_ids[:, :, None] == path.target_ids[rows].long()[:, None, :]  # [N, k, TOP_K]
-        p_at = (same * path.target_probs[rows][:, None, :]).sum(-1)
+        p_at = p_all[rows].gather(1, q_ids)
         beta[:, k] = torch.where(valid, torch.minimum(p_at, q).sum(-1), torch.zeros(()))
         # teacher forcing: the next slot's head sees the path's token
         prev = tokens[(torch.arange(n_anchor) + k + 1).clamp(max=n - 1)]
