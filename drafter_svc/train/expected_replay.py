@@ -1,29 +1,31 @@
-"""Sampled acceptance without sampling noise: expected rounds along one sampled target path.
+"""Sampled acceptance without the accept/reject draws: the decode loop's rounds in expectation,
+given one sampled text.
 
-At T > 0 the decode loop's τ is itself random twice over: the text depends on the accept/reject
-draws, and each round's accepted length is a draw. Two drafters are then compared on different
-texts, and a 50-prompt table moves by ~0.2 between seeds (docs/TRAINING.md, twenty-third session).
+At T > 0 the decode loop's τ is random twice over: the text depends on the accept/reject draws, and
+each round's accepted length is a draw. Two drafters are then compared on different texts, and a
+50-prompt table moves by ~0.2 between seeds (docs/TRAINING.md, twenty-third session).
 
 Speculative sampling commits text distributed exactly as the target's own samples, whatever the
-drafter. So fix one target sample per prompt (seeded) and take expectations over everything else:
-a block drafted at anchor i (teacher-forced on the path, as `replay.py` does) accepts slot j with
-probability β_ij = Σ_v min(p(v), q(v)), p the target's processed distribution for token i + j (recomputed exactly from
-the target's final hidden state along the path, which the path keeps),
-q the drafter's as `DraftEngine` samples it (top 8, renormalised; its sequential head conditioned
-on the path's token j − 1). A round from anchor
-i accepts m drafts with probability Π_{j≤m} β_ij · (1 − β_i,m+1) and the next round starts at
-i + m + 1; `expected_walk` carries the probability that a round starts at each position through
-DecodeLoop's rules (those of `replay_rounds`) and returns expected rounds and committed tokens.
-τ is then Σ E[committed] / Σ E[rounds] over the prompts — the micro-average the loop reports,
-as a ratio of expectations — with no draw left in it: two drafters are compared on the same
-paths, and one drafter gives the same figure every time.
+drafter, so fix one target sample x per prompt (seeded) and condition on it. A draft y ~ q is
+accepted with probability min(1, p(y)/q(y)), else a token is drawn from the residual; so the
+emitted token is x with probability p(x), and accepted-and-x with probability min(p(x), q(x)):
+**given the text, slot j is accepted with probability a = min(p(x), q(x)) / p(x)**, x the text's
+token there. An accepted draft *is* the text's token, so the next slot's sequential head is fed
+the text's token (teacher forcing on the path is exact here), and the text after a slot does not
+depend on the draws before it (each token is distributed as p given its prefix, however the
+rounds fell). So the rounds given the text are a Markov chain over positions: a round anchored at
+i accepts m drafts with probability Π_{j≤m} a_ij · (1 − a_i,m+1) and the next starts at i + m + 1.
+`expected_walk` carries the probability that a round starts at each position through DecodeLoop's
+rules (those of `replay_rounds`) and returns expected rounds and committed tokens; τ is Σ E[committed]
+/ Σ E[rounds] over the prompts, the loop's micro-average as a ratio of expectations.
 
-It is an estimator, with two approximations, both stated: the sequential head is fed the path's
-tokens where the loop feeds its own accepted draft (an accepted draft is distributed as
-min(p, q)/β, not as p), and the walk takes a round's outcome as independent of the path's tokens
-(in the loop, whether draft j was accepted and which token followed are correlated, so where
-rounds start is too). docs/TRAINING.md compares it with the decode loop on the eval prompts. At T = 0 (β ∈ {0, 1}) the walk is
-exactly `replay_rounds` (tests/test_expected_replay.py)."""
+What is left is the choice of texts (50 prompts, one sample each), which is the same for every
+drafter: two drafters are compared on the same texts, and one drafter gives the same figure every
+time. Over the texts, E[rounds | text] averages to the loop's E[rounds] (tests/test_expected_replay.py
+checks it against DecodeLoop at T = 1 on a tiny model). p is the target's processed distribution
+(recomputed from its final hidden state along the path, which the path keeps), q the drafter's as
+`DraftEngine` samples it (top 8, renormalised). At T = 0 (a ∈ {0, 1}) the walk is exactly
+`replay_rounds`."""
 
 from __future__ import annotations
 
@@ -51,8 +53,7 @@ class SampledPath:
 def sampled_paths(target, prompts: Sequence[list[int]], *, sampling: SamplingParams, seed: int, max_new_tokens: int,
                   stop_ids: Iterable[int], layer_ids: Sequence[int], batch_size: int = 16,
                   pad_id: int = 0) -> list[SampledPath]:
-    """One target sample per prompt (batch b seeded with seed + b), then one right-padded forward over
-    prompt + sample for the features and the final hidden states along it."""
+    """One target sample per prompt (batch b seeded with seed + b) and its `paths_along`."""
     from drafter_svc.train.datagen import left_padded
 
     if sampling.greedy:
@@ -72,29 +73,41 @@ def sampled_paths(target, prompts: Sequence[list[int]], *, sampling: SamplingPar
         for row in gen[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), None)
             conts.append(row[: cut + 1] if cut is not None else row)
-        full = [p + c for p, c in zip(batch, conts)]
-        span = max(len(f) for f in full)
-        fwd_ids = torch.full((len(full), span), pad_id, dtype=torch.long)
-        attn = torch.zeros(len(full), span, dtype=torch.long)
-        for i, f in enumerate(full):
-            fwd_ids[i, : len(f)] = torch.tensor(f)
-            attn[i, : len(f)] = 1
-        o = target.base_model(input_ids=fwd_ids, attention_mask=attn, output_hidden_states=True)
-        feats = torch.cat([o.hidden_states[i + 1] for i in layer_ids], dim=-1)
-        for i, (p, c) in enumerate(zip(batch, conts)):
-            n_p, n_c = len(p), len(c)
-            # position n_p + r predicts continuation token r + 1
-            out.append(SampledPath(p, c, feats[i, : n_p + n_c].float().contiguous(),
-                                   o.last_hidden_state[i, n_p : n_p + n_c - 1].float().contiguous()))
+        out.extend(paths_along(target, batch, conts, layer_ids=layer_ids, pad_id=pad_id))
+    return out
+
+
+@torch.inference_mode()
+def paths_along(target, prompts: Sequence[list[int]], continuations: Sequence[list[int]], *,
+                layer_ids: Sequence[int], pad_id: int = 0) -> list[SampledPath]:
+    """One right-padded target forward over each prompt + continuation: the features and the final
+    hidden states along it."""
+    full = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    span = max(len(f) for f in full)
+    ids = torch.full((len(full), span), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(full), span, dtype=torch.long)
+    for i, f in enumerate(full):
+        ids[i, : len(f)] = torch.tensor(f)
+        attn[i, : len(f)] = 1
+    o = target.base_model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    feats = torch.cat([o.hidden_states[i + 1] for i in layer_ids], dim=-1)
+    out = []
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+        n_p, n_c = len(p), len(c)
+        # position n_p + r predicts continuation token r + 1
+        out.append(SampledPath(list(p), list(c), feats[i, : n_p + n_c].float().contiguous(),
+                               o.last_hidden_state[i, n_p : n_p + n_c - 1].float().contiguous()))
     return out
 
 
 @torch.inference_mode()
 def acceptance_probabilities(model: DSparkDrafter, target_head: torch.nn.Module, path: SampledPath,
                              sampling: SamplingParams, block_size: int, proposal_top_k: int = 8) -> torch.Tensor:
-    """β [len(tokens) − 1, block_size]: row i is the block drafted with tokens[i] as anchor, column j
-    the probability that speculative sampling accepts its draft j + 1 (0 past the path's end). q is
-    what `DraftEngine` samples from: the processed distribution's top `proposal_top_k`, renormalised."""
+    """a [len(tokens) − 1, block_size]: row i is the block drafted with tokens[i] as anchor, column j
+    the probability that speculative sampling accepted its draft j + 1 given that the text's token
+    there is tokens[i + j + 1] (its drafts j' < j accepted): min(p, q) / p at that token (0 past the
+    path's end). q is what `DraftEngine` samples from: the processed distribution's top
+    `proposal_top_k`, renormalised."""
     if block_size > model.config.block_size:
         raise ValueError(f"block size {block_size} exceeds the drafter's {model.config.block_size}")
     n_p, n = len(path.prompt_ids), len(path.tokens)
@@ -123,8 +136,11 @@ def acceptance_probabilities(model: DSparkDrafter, target_head: torch.nn.Module,
         rows = torch.arange(n_anchor) + k  # target distribution of token i + k + 1
         valid = rows < n_anchor
         rows = rows.clamp(max=n_anchor - 1)
-        p_at = p_all[rows].gather(1, q_ids)
-        beta[:, k] = torch.where(valid, torch.minimum(p_at, q).sum(-1), torch.zeros(()))
+        x = tokens[rows + 1]  # the text's token at slot k + 1
+        p_x = p_all[rows].gather(1, x[:, None])[:, 0]
+        q_x = torch.where(q_ids == x[:, None], q, torch.zeros(())).sum(-1)
+        a = torch.minimum(p_x, q_x) / p_x.clamp(min=1e-30)  # p_x > 0: the target sampled x
+        beta[:, k] = torch.where(valid, a, torch.zeros(()))
         # teacher forcing: the next slot's head sees the path's token
         prev = tokens[(torch.arange(n_anchor) + k + 1).clamp(max=n - 1)]
     return beta

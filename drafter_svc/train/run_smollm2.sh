@@ -54,8 +54,9 @@ R=runs/smollm2
 STEPS=${STEPS:-3000}
 EVAL_LIMIT=${EVAL_LIMIT:-50}         # greedy table: replayed rounds (cheap)
 EVAL_TOKENS=${EVAL_TOKENS:-128}
-T1_LIMIT=${T1_LIMIT:-6}              # T = 1 table: the real decode loop (~0.3 s per round here)
+T1_LIMIT=${T1_LIMIT:-6}              # T = 1 with LOOP=1: the real decode loop (~0.3 s per round here)
 T1_TOKENS=${T1_TOKENS:-64}
+T1_SEED=${T1_SEED:-777}              # T = 1 otherwise: the expected replay's target samples (seed + batch)
 TRAIN=../shared/data/prompts/train
 TEMPS=${TEMPS:-"0 1"}
 EVAL_DIR=${EVAL_DIR:-$R/eval}
@@ -166,9 +167,14 @@ eval_run() {  # eval_run LABEL DRAFTER_DIR
     if [[ "$t" == 0 ]]; then  # greedy: rounds replayed on the target's greedy path (exact, ~40x cheaper)
       $PY -m dspark_common.cli eval --dataset $EVAL_FILES --limit "$EVAL_LIMIT" --max-new-tokens "$EVAL_TOKENS" \
         --block-size 7 --temperature 0 --replay --replay-cache $R/replay --drafter "$2" --json > "$EVAL_DIR/$1_T$t.jsonl.tmp"
-    else
+    elif [[ -n ${LOOP:-} ]]; then  # LOOP=1: the real decode loop, T1_LIMIT x T1_TOKENS (sampling noise ~0.2 τ)
       $PY -m dspark_common.cli eval --dataset $EVAL_FILES --limit "$T1_LIMIT" --max-new-tokens "$T1_TOKENS" \
         --block-size 7 --temperature "$t" --drafter "$2" --json > "$EVAL_DIR/$1_T$t.jsonl.tmp"
+    else  # expected rounds along one seeded target sample per prompt (train/expected_replay.py): the
+      # same 50 x 128 prompts as greedy, no sampling noise, the same paths for every drafter
+      $PY -m dspark_common.cli eval --dataset $EVAL_FILES --limit "$EVAL_LIMIT" --max-new-tokens "$EVAL_TOKENS" \
+        --block-size 7 --temperature "$t" --seed "$T1_SEED" --replay --replay-cache $R/replay --drafter "$2" \
+        --json > "$EVAL_DIR/$1_T$t.jsonl.tmp"
     fi
     mv "$EVAL_DIR/$1_T$t.jsonl.tmp" "$EVAL_DIR/$1_T$t.jsonl"
   done
