@@ -195,7 +195,7 @@ def evaluate_expected(target, tokenizer, drafter, prompts: list[str], *, block_s
     t0 = time.perf_counter()
     layers = list(drafter.config.target_layer_ids)
     key = {"prompts": prompts, "max_new_tokens": max_new_tokens, "layers": layers, "seed": seed,
-           "sampling": [sampling.temperature, sampling.top_p, sampling.top_k], "kind": "sampled/hidden"}
+           "sampling": [sampling.temperature, sampling.top_p, sampling.top_k], "kind": "loop-sampled/hidden"}
     paths = None
     if cache_file is not None and cache_file.is_file():
         saved = torch.load(cache_file, weights_only=False)
