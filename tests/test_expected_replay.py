@@ -30,11 +30,11 @@ def test_walk_with_certain_outcomes_is_the_greedy_replay(stop, budget):
         block = 5
         drafts = [[t if rng.random() < 0.7 else 0 for t in tokens[i + 1 : i + 1 + block]] + [0] * block
                   for i in range(len(tokens))]
-        beta = [[float(i + 1 + j < len(tokens) and drafts[i][j] == tokens[i + 1 + j]) for j in range(block)]
+        accept = [[float(i + 1 + j < len(tokens) and drafts[i][j] == tokens[i + 1 + j]) for j in range(block)]
                 for i in range(len(tokens) - 1)]
         want = summarize(replay_rounds(drafts, tokens, blocks=[block] * len(tokens), max_new_tokens=budget,
                                        stop_ids=stops), block)
-        got = summarize_walks([expected_walk(beta, tokens, block_size=block, max_new_tokens=budget, stop_ids=stops)],
+        got = summarize_walks([expected_walk(accept, tokens, block_size=block, max_new_tokens=budget, stop_ids=stops)],
                               block)
         assert got["rounds"] == want["rounds"]
         for k in ("tau", "tau_uncapped", "mean_proposed"):
@@ -47,15 +47,15 @@ def test_walk_is_the_mean_of_simulated_rounds():
     rng = random.Random(11)
     tokens = _random_path(rng, 40, 2)
     block, budget = 6, 64
-    beta = [[rng.random() for _ in range(block)] for _ in range(len(tokens) - 1)]
-    walk = expected_walk(beta, tokens, block_size=block, max_new_tokens=budget, stop_ids={2})
+    accept = [[rng.random() for _ in range(block)] for _ in range(len(tokens) - 1)]
+    walk = expected_walk(accept, tokens, block_size=block, max_new_tokens=budget, stop_ids={2})
     sims, rounds, committed = 20000, 0, 0
     for _ in range(sims):
         i = 0
         while i < len(tokens) and tokens[i] != 2:
             n = min(block, len(tokens) - 1 - i)
             m = 0
-            while m < n and rng.random() < beta[i][m]:
+            while m < n and rng.random() < accept[i][m]:
                 m += 1
             rounds += 1
             if i + 1 + m >= len(tokens):  # accepted through the stop token: no bonus
@@ -93,9 +93,9 @@ def test_near_greedy_sampling_reproduces_the_greedy_replay():
     for g, s in zip(greedy, sampled):
         assert s.tokens == g.tokens
         want = summarize(replay_path(drafter, g, block_size=5, max_new_tokens=30, stop_ids=[]), 5)
-        beta = acceptance_probabilities(drafter, target.get_output_embeddings(), s, sampling, 5)
-        assert set(beta.round(decimals=3).unique().tolist()) <= {0.0, 1.0}
-        got = summarize_walks([expected_walk(beta, s.tokens, block_size=5, max_new_tokens=30, stop_ids=[])], 5)
+        accept = acceptance_probabilities(drafter, target.get_output_embeddings(), s, sampling, 5)
+        assert set(accept.round(decimals=3).unique().tolist()) <= {0.0, 1.0}
+        got = summarize_walks([expected_walk(accept, s.tokens, block_size=5, max_new_tokens=30, stop_ids=[])], 5)
         assert got["rounds"] == want["rounds"] and got["tau"] == pytest.approx(want["tau"])
         accepted += sum(1 for c in want["conditional_acceptance"] if c)
     assert accepted > 0

@@ -145,31 +145,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(ngram_lookup=False)
 
 
+def _cached_paths(cache_file: Path | None, key: dict, tokenizer, prompts: list[str], build) -> list:
+    """The target's paths for `prompts`: from `cache_file` when it was written for the same `key`,
+    else `build(prompt_ids, pad_id)` (then saved there), so every drafter is scored on one set."""
+    import torch
+
+    from verifier_svc.target_loading import chat_prompt_ids
+
+    if cache_file is not None and cache_file.is_file():
+        saved = torch.load(cache_file, weights_only=False)
+        if saved["key"] == key:
+            return saved["paths"]
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    paths = build(ids, pad)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "paths": paths}, cache_file)
+    return paths
+
+
 def evaluate_replay(target, tokenizer, drafter, prompts: list[str], *, block_size: int, max_new_tokens: int,
                     stop_ids, cache_file: Path | None = None, progress: bool = True, lookup=None) -> dict:
     """Greedy τ by replaying the rounds on the target's greedy paths (see train/replay.py);
     `lookup` (a LookupConfig) replays the decode loop's copies from the sequence as well."""
-    import torch
     from tqdm import tqdm
 
     from drafter_svc.train.replay import greedy_paths, replay_path
-    from verifier_svc.target_loading import chat_prompt_ids
 
     t0 = time.perf_counter()
     layers = list(drafter.config.target_layer_ids)
     key = {"prompts": prompts, "max_new_tokens": max_new_tokens, "layers": layers}
-    paths = None
-    if cache_file is not None and cache_file.is_file():
-        saved = torch.load(cache_file, weights_only=False)
-        paths = saved["paths"] if saved["key"] == key else None
-    if paths is None:
-        ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        paths = greedy_paths(target, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, layer_ids=layers,
-                             pad_id=pad)
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": key, "paths": paths}, cache_file)
+    paths = _cached_paths(cache_file, key, tokenizer, prompts, lambda ids, pad: greedy_paths(
+        target, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, layer_ids=layers, pad_id=pad))
     outcomes: list[RoundOutcome] = []
     for path in tqdm(paths, desc="replay", unit="prompt", disable=not progress):
         outcomes.extend(replay_path(drafter, path, block_size=block_size, max_new_tokens=max_new_tokens,
@@ -184,34 +192,23 @@ def evaluate_replay(target, tokenizer, drafter, prompts: list[str], *, block_siz
 def evaluate_expected(target, tokenizer, drafter, prompts: list[str], *, block_size: int, max_new_tokens: int,
                       stop_ids, sampling, seed: int, cache_file: Path | None = None, progress: bool = True) -> dict:
     """τ at T > 0 as expected rounds along one seeded target sample per prompt (train/expected_replay.py)."""
-    import torch
     from tqdm import tqdm
 
     from drafter_svc.train.expected_replay import (
         acceptance_probabilities, expected_walk, sampled_paths, summarize_walks,
     )
-    from verifier_svc.target_loading import chat_prompt_ids
 
     t0 = time.perf_counter()
     layers = list(drafter.config.target_layer_ids)
     key = {"prompts": prompts, "max_new_tokens": max_new_tokens, "layers": layers, "seed": seed,
            "sampling": [sampling.temperature, sampling.top_p, sampling.top_k], "kind": "loop-sampled/hidden"}
-    paths = None
-    if cache_file is not None and cache_file.is_file():
-        saved = torch.load(cache_file, weights_only=False)
-        paths = saved["paths"] if saved["key"] == key else None
-    if paths is None:
-        ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        paths = sampled_paths(target, ids, sampling=sampling, seed=seed, max_new_tokens=max_new_tokens,
-                              stop_ids=stop_ids, layer_ids=layers, pad_id=pad)
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": key, "paths": paths}, cache_file)
+    paths = _cached_paths(cache_file, key, tokenizer, prompts, lambda ids, pad: sampled_paths(
+        target, ids, sampling=sampling, seed=seed, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+        layer_ids=layers, pad_id=pad))
     walks = []
     for path in tqdm(paths, desc="expected replay", unit="prompt", disable=not progress):
-        beta = acceptance_probabilities(drafter, target.get_output_embeddings(), path, sampling, block_size)
-        walks.append(expected_walk(beta, path.tokens, block_size=block_size, max_new_tokens=max_new_tokens,
+        accept = acceptance_probabilities(drafter, target.get_output_embeddings(), path, sampling, block_size)
+        walks.append(expected_walk(accept, path.tokens, block_size=block_size, max_new_tokens=max_new_tokens,
                                    stop_ids=stop_ids))
     summary = summarize_walks(walks, block_size)
     summary.update(prompts=len(prompts), generated_tokens=sum(len(p.tokens) for p in paths), method="expected_replay",

@@ -123,7 +123,7 @@ def acceptance_probabilities(model: DSparkDrafter, target_head: torch.nn.Module,
     base = heads.logits(h)
     tokens = torch.tensor(path.tokens, dtype=torch.long)
     p_all = processed_probs(target_head(path.target_hidden), sampling)  # [N, V] by token id
-    beta = torch.zeros(n_anchor, block_size)
+    accept = torch.zeros(n_anchor, block_size)
     prev = ids[anchors]
     state = None
     for k in range(block_size):
@@ -139,10 +139,10 @@ def acceptance_probabilities(model: DSparkDrafter, target_head: torch.nn.Module,
         p_x = p_all[rows].gather(1, x[:, None])[:, 0]
         q_x = torch.where(q_ids == x[:, None], q, torch.zeros(())).sum(-1)
         a = torch.minimum(p_x, q_x) / p_x.clamp(min=1e-30)  # p_x > 0: the target sampled x
-        beta[:, k] = torch.where(valid, a, torch.zeros(()))
+        accept[:, k] = torch.where(valid, a, torch.zeros(()))
         # teacher forcing: the next slot's head sees the path's token
         prev = tokens[(torch.arange(n_anchor) + k + 1).clamp(max=n - 1)]
-    return beta
+    return accept
 
 
 @dataclass
@@ -156,13 +156,13 @@ class ExpectedWalk:
     offered: list[float]  # E[rounds that verified slot k]
 
 
-def expected_walk(beta: torch.Tensor | list[list[float]], tokens: list[int], *, block_size: int,
+def expected_walk(accept: torch.Tensor | list[list[float]], tokens: list[int], *, block_size: int,
                   max_new_tokens: int, stop_ids: Iterable[int]) -> ExpectedWalk:
     """DecodeLoop's fixed-block rounds over a fixed path (`replay_rounds`' rules) in expectation:
-    `beta[i][j]` is the probability that the round anchored at tokens[i] accepts draft j + 1."""
+    `accept[i][j]` is the probability that the round anchored at tokens[i] accepts draft j + 1."""
     stops = set(stop_ids)
     n = len(tokens)
-    b = [list(map(float, row)) for row in (beta.tolist() if isinstance(beta, torch.Tensor) else beta)]
+    b = [list(map(float, row)) for row in (accept.tolist() if isinstance(accept, torch.Tensor) else accept)]
     start = [0.0] * (n + block_size + 2)
     start[0] = 1.0  # token 0 is the prefill's; the first round is anchored on it
     w = ExpectedWalk(0.0, 0.0, 0.0, 0.0, [0.0] * block_size, [0.0] * block_size, [0.0] * block_size)

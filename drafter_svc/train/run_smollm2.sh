@@ -43,6 +43,10 @@
 #   SETS=A DIRS='<s27's unread slices>' cache-archived then FILES='arena-hard-v2-head500 gsm8k-head1000' AT='0 250' SEED=28
 #   datagen-seed, and SEED=27 unarchive-seed + FILES='livecodebench gsm8k-head1000' AT='500 750 1000' SEED=27 datagen-seed;
 #   N=23 CACHES=... STEPS=6000 continue-session at ~2 000 cached | average-session   (twenty-third)
+#   SETS=A DIRS='<s29's unread slices>' cache-archived, SEED=29 unarchive-seed, FILES='arena-hard-v2-head500 livecodebench'
+#   AT='0 250 500 750 1000' SEED=29 datagen-seed and FILES='gsm8k-head1000 arena-hard-v2-head500' AT='0 250' SEED=30
+#   datagen-seed side by side; N=24 CACHES=... STEPS=5500 continue-session at ~1 740 cached | average-session;
+#   TEMPS='0 1' eval-dspark: T = 1 now by the expected replay on 50 x 128 (twenty-fourth)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
