@@ -21,7 +21,7 @@ def _random_path(rng: random.Random, n: int, stop: int | None) -> list[int]:
 
 @pytest.mark.parametrize("stop,budget", [(None, 40), (2, 40), (2, 25), (None, 12)])
 def test_walk_with_certain_outcomes_is_the_greedy_replay(stop, budget):
-    """β ∈ {0, 1} (a greedy draft either is the path's token or not) must give replay_rounds' rounds."""
+    """a ∈ {0, 1} (a greedy draft either is the path's token or not) must give replay_rounds' rounds."""
     rng = random.Random(5)
     stops = {2}
     for trial in range(30):
@@ -43,7 +43,7 @@ def test_walk_with_certain_outcomes_is_the_greedy_replay(stop, budget):
 
 
 def test_walk_is_the_mean_of_simulated_rounds():
-    """With fractional β the walk's expected rounds and tokens are what many simulated walks average."""
+    """With fractional acceptances the walk's expected rounds and tokens are what many simulated walks average."""
     rng = random.Random(11)
     tokens = _random_path(rng, 40, 2)
     block, budget = 6, 64
@@ -68,7 +68,7 @@ def test_walk_is_the_mean_of_simulated_rounds():
 
 
 def test_near_greedy_sampling_reproduces_the_greedy_replay():
-    """At a temperature near 0 the sampled path is the greedy one and every β is 0 or 1, so the
+    """At a temperature near 0 the sampled path is the greedy one and every acceptance is 0 or 1, so the
     expected replay must count the rounds the greedy replay (checked against DecodeLoop) counts."""
     from drafter_svc.train.expected_replay import acceptance_probabilities, sampled_paths
     from drafter_svc.train.replay import greedy_paths, replay_path

@@ -50,20 +50,26 @@ class CachedSequence:
 
 
 @torch.inference_mode()
+def padded_forward(model, rows: list[list[int]], layer_ids: list[int], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One right-padded target forward over token `rows` -> (features [B, S, T*d]: the chosen layers'
+    outputs side by side, final-normed hidden states [B, S, d]: the lm_head input)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+    out = model.base_model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    return torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1), out.last_hidden_state
+
+
+@torch.inference_mode()
 def target_outputs(
     model, layer_ids: list[int], seqs: list[Sequence], top_k: int, feature_dtype: torch.dtype = torch.float16
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One right-padded target forward over `seqs` -> per sequence (features [S, T*d] fp16 (or
     `feature_dtype`), topk_ids [S, K] int32, topk_probs [S, K] fp16)."""
-    width = max(len(s.input_ids) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attn = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
-        attn[i, : len(s.input_ids)] = 1
-    out = model.base_model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-    feats = torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)
-    last = out.last_hidden_state  # final-normed: the lm_head input
+    feats, last = padded_forward(model, [s.input_ids for s in seqs], layer_ids)
     head = model.get_output_embeddings()
     results = []
     for i, s in enumerate(seqs):

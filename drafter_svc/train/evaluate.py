@@ -267,16 +267,15 @@ def _run_replay(args: argparse.Namespace, settings) -> int:
     results: dict[str, dict] = {}
     for dataset in args.dataset:
         prompts = load_prompts(dataset, args.limit)
+        tag = "" if sampling.greedy else f"_t{args.temperature:g}_s{args.seed}"
+        cache = (Path(args.replay_cache) / f"{Path(dataset).stem}_n{len(prompts)}_m{args.max_new_tokens}{tag}.pt"
+                 if args.replay_cache else None)
         if not sampling.greedy:
-            cache = (Path(args.replay_cache) / f"{Path(dataset).stem}_n{len(prompts)}_m{args.max_new_tokens}"
-                     f"_t{args.temperature:g}_s{args.seed}.pt" if args.replay_cache else None)
             res = evaluate_expected(target.model, target.tokenizer, drafter, prompts, block_size=args.block_size,
                                     max_new_tokens=args.max_new_tokens, stop_ids=stops, sampling=sampling,
                                     seed=args.seed, cache_file=cache, progress=not args.json)
             _report(args, results, dataset, drafter_name, res)
             continue
-        cache = (Path(args.replay_cache) / f"{Path(dataset).stem}_n{len(prompts)}_m{args.max_new_tokens}.pt"
-                 if args.replay_cache else None)
         res = evaluate_replay(target.model, target.tokenizer, drafter, prompts, block_size=args.block_size,
                               max_new_tokens=args.max_new_tokens, stop_ids=stops, cache_file=cache,
                               progress=not args.json, lookup=settings.lookup_config())

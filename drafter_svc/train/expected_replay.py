@@ -81,21 +81,16 @@ def paths_along(target, prompts: Sequence[list[int]], continuations: Sequence[li
                 layer_ids: Sequence[int], pad_id: int = 0) -> list[SampledPath]:
     """One right-padded target forward over each prompt + continuation: the features and the final
     hidden states along it."""
-    full = [list(p) + list(c) for p, c in zip(prompts, continuations)]
-    span = max(len(f) for f in full)
-    ids = torch.full((len(full), span), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(full), span, dtype=torch.long)
-    for i, f in enumerate(full):
-        ids[i, : len(f)] = torch.tensor(f)
-        attn[i, : len(f)] = 1
-    o = target.base_model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-    feats = torch.cat([o.hidden_states[i + 1] for i in layer_ids], dim=-1)
+    from drafter_svc.train.cache import padded_forward
+
+    feats, last = padded_forward(target, [list(p) + list(c) for p, c in zip(prompts, continuations)],
+                                 list(layer_ids), pad_id)
     out = []
     for i, (p, c) in enumerate(zip(prompts, continuations)):
         n_p, n_c = len(p), len(c)
         # position n_p + r predicts continuation token r + 1
         out.append(SampledPath(list(p), list(c), feats[i, : n_p + n_c].float().contiguous(),
-                               o.last_hidden_state[i, n_p : n_p + n_c - 1].float().contiguous()))
+                               last[i, n_p : n_p + n_c - 1].float().contiguous()))
     return out
 
 
@@ -140,16 +135,14 @@ def acceptance_probabilities(model: DSparkDrafter, target_head: torch.nn.Module,
         q_x = torch.where(q_ids == x[:, None], q, torch.zeros(())).sum(-1)
         a = torch.minimum(p_x, q_x) / p_x.clamp(min=1e-30)  # p_x > 0: the target sampled x
         accept[:, k] = torch.where(valid, a, torch.zeros(()))
-        # teacher forcing: the next slot's head sees the path's token
-        prev = tokens[(torch.arange(n_anchor) + k + 1).clamp(max=n - 1)]
+        prev = x  # an accepted draft is the text's token: the next slot's head sees it
     return accept
 
 
 @dataclass
 class ExpectedWalk:
     rounds: float
-    committed: float
-    acceptance_length: float  # Σ E[accepted + bonus], the stop-on-draft rounds without a bonus
+    committed: float  # also Σ E[accepted + bonus]: a round ending on an accepted stop has no bonus
     proposed: float
     hit: list[float]  # by slot k: E[rounds accepting ≥ k]
     reached: list[float]  # E[rounds that verified slot k with all before it accepted]
@@ -165,14 +158,14 @@ def expected_walk(accept: torch.Tensor | list[list[float]], tokens: list[int], *
     b = [list(map(float, row)) for row in (accept.tolist() if isinstance(accept, torch.Tensor) else accept)]
     start = [0.0] * (n + block_size + 2)
     start[0] = 1.0  # token 0 is the prefill's; the first round is anchored on it
-    w = ExpectedWalk(0.0, 0.0, 0.0, 0.0, [0.0] * block_size, [0.0] * block_size, [0.0] * block_size)
+    w = ExpectedWalk(0.0, 0.0, 0.0, [0.0] * block_size, [0.0] * block_size, [0.0] * block_size)
     for i in range(n):
         r = start[i]
         if r == 0.0 or tokens[i] in stops or i + 1 >= max_new_tokens:
             continue
         if i >= len(b):  # the path ends without a stop token before the budget (an incomplete path)
             break
-        # the loop verifies what the budget allows, not knowing where the text ends (β is 0 past it)
+        # the loop verifies what the budget allows, not knowing where the text ends (a is 0 past it)
         k_max = max(0, min(block_size, max_new_tokens - (i + 1) - 1))
         survive = 1.0  # P(first m drafts accepted)
         for m in range(k_max + 1):
@@ -183,16 +176,16 @@ def expected_walk(accept: torch.Tensor | list[list[float]], tokens: list[int], *
                 w.hit[m] += r * survive * b[i][m]
             stop_at = next((j for j in range(m) if tokens[i + 1 + j] in stops), None)
             if stop_at is not None:  # an accepted stop token ends the round and the text, no bonus
-                w.rounds += r * p_m
-                w.proposed += r * p_m * k_max
-                w.committed += r * p_m * (stop_at + 1)
-                w.acceptance_length += r * p_m * (stop_at + 1)
+                committed = stop_at + 1
             elif i + 1 + m < n:
+                committed = m + 1
+                start[i + m + 1] += r * p_m
+            else:  # accepted past the end of an incomplete path: no round (as replay_rounds)
+                committed = 0
+            if committed:
                 w.rounds += r * p_m
                 w.proposed += r * p_m * k_max
-                w.committed += r * p_m * (m + 1)
-                w.acceptance_length += r * p_m * (m + 1)
-                start[i + m + 1] += r * p_m
+                w.committed += r * p_m * committed
             if m < k_max:
                 survive *= b[i][m]
     return w
@@ -208,7 +201,8 @@ def summarize_walks(walks: list[ExpectedWalk], block_size: int) -> dict:
         survival.append(hit / offered if offered > 1e-12 else None)
     return {
         "tau": sum(w.committed for w in walks) / rounds if rounds else 0.0,
-        "tau_uncapped": sum(w.acceptance_length for w in walks) / rounds if rounds else 0.0,
+        # a walk's rounds commit exactly their accepted drafts + bonus (the budget caps the drafts)
+        "tau_uncapped": sum(w.committed for w in walks) / rounds if rounds else 0.0,
         "rounds": round(rounds, 2),
         "conditional_acceptance": cond,
         "prefix_survival": survival,

@@ -60,7 +60,7 @@ EVAL_LIMIT=${EVAL_LIMIT:-50}         # greedy table: replayed rounds (cheap)
 EVAL_TOKENS=${EVAL_TOKENS:-128}
 T1_LIMIT=${T1_LIMIT:-6}              # T = 1 with LOOP=1: the real decode loop (~0.3 s per round here)
 T1_TOKENS=${T1_TOKENS:-64}
-T1_SEED=${T1_SEED:-777}              # T = 1 otherwise: the expected replay's target samples (seed + batch)
+T1_SEED=${T1_SEED:-777}              # T = 1 otherwise: the expected replay's target samples (prompt i: seed + i)
 TRAIN=../shared/data/prompts/train
 TEMPS=${TEMPS:-"0 1"}
 EVAL_DIR=${EVAL_DIR:-$R/eval}
