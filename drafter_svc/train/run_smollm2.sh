@@ -47,6 +47,8 @@
 #   AT='0 250 500 750 1000' SEED=29 datagen-seed and FILES='gsm8k-head1000 arena-hard-v2-head500' AT='0 250' SEED=30
 #   datagen-seed side by side; N=24 CACHES=... STEPS=5500 continue-session at ~1 740 cached | average-session;
 #   TEMPS='0 1' eval-dspark: T = 1 now by the expected replay on 50 x 128 (twenty-fourth)
+#   the same with seeds 31 (archive, then completed by key) and 32; N=25 STEPS=5000 continue-session at ~2 700
+#   cached | average-session   (twenty-fifth)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
