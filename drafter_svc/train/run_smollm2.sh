@@ -49,6 +49,8 @@
 #   TEMPS='0 1' eval-dspark: T = 1 now by the expected replay on 50 x 128 (twenty-fourth)
 #   the same with seeds 31 (archive, then completed by key) and 32; N=25 STEPS=5000 continue-session at ~2 700
 #   cached | average-session   (twenty-fifth)
+#   the same with seed 32's rest, seeds 33 and 34; N=26 STEPS=6000 continue-session at ~2 000 cached | average-session
+#   (twenty-sixth: alpha 0.5)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
