@@ -53,6 +53,8 @@
 #   (twenty-sixth: alpha 0.5)
 #   the same with seeds 35 (archive), 34's gsm8k + livecodebench and 36; N=27 STEPS=5500 continue-session at ~1 800
 #   cached, datagen stopped 30 min into it | ALPHAS='0 0.25 0.5 0.75 1.0' average-session   (twenty-seventh: alpha 0.25)
+#   the same with seed 37 (archive), 34's livecodebench 500+ and gsm8k 750+, 38; N=28 STEPS=5500 continue-session at
+#   ~1 550 cached, datagen stopped 35 min into it | ALPHAS='0 0.25 0.5 0.75 1.0' average-session   (twenty-eighth: alpha 0.25)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
