@@ -170,14 +170,17 @@ def build_cache(
     shard_size: int = 64,
     limit: int = 0,
     progress: bool = True,
+    split: str | None = None,
 ) -> int:
-    """Cache every sequence of `answers` not cached yet; returns how many were added."""
+    """Cache every sequence of `answers` not cached yet (of `split` only, if given: e.g. the held-out
+    slice that calibrates a drafter trained without a cache); returns how many were added."""
     out = open_cache(out_dir, model, layer_ids, target_name=target_name, top_k=top_k, max_length=max_length,
                      answers=str(answers))
     shards = completed_shards(out)
     done = {k for _, side in shards for k in side["keys"]}
     next_index = next_shard_index(shards)
-    todo = [s for s in read_answers(answers, max_length=max_length) if s.key not in done]
+    todo = [s for s in read_answers(answers, max_length=max_length)
+            if s.key not in done and (split is None or s.split == split)]
     if limit:
         todo = todo[: max(0, limit - len(done))]
     # Similar lengths per batch waste less padding; shards stay in length order.
@@ -281,6 +284,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=0, help="cache at most this many sequences in total")
+    p.add_argument("--split", choices=["train", "heldout"], default=None, help="cache only this split")
     p.add_argument("--threads", type=int, default=1)
 
 
@@ -293,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     layers = args.layers or default_layer_ids(int(target.model.config.num_hidden_layers))
     added = build_cache(target.model, args.answers, args.out, layers, target_name=target.name, top_k=args.top_k,
                         max_length=args.max_length, batch_size=args.batch_size, shard_size=args.shard_size,
-                        limit=args.limit)
+                        limit=args.limit, split=args.split)
     total = len(CacheReader(args.out, None))
     print(f"cached {added} new sequences; {total} in {args.out}")
     return 0

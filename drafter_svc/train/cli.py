@@ -3,6 +3,7 @@
     datagen    regenerate answers with the target          (drafter_svc.train.datagen)
     cache      target features + top-k p_t per sequence    (drafter_svc.train.cache)
     fit        train the drafter                           (drafter_svc.train.fit)
+    online     fit with the target beside it, on a GPU     (drafter_svc.train.online)
     calibrate  STS temperatures on held-out blocks         (drafter_svc.train.calibrate)
     average    a warm-started run interpolated with its init (drafter_svc.train.average)
     export     DeepSpec-format checkpoint directory        (drafter_svc.train.export)
@@ -22,6 +23,7 @@ STEPS: dict[str, tuple[str, str]] = {
     "datagen": ("drafter_svc.train.datagen", "regenerate training answers with the target (resumable)"),
     "cache": ("drafter_svc.train.cache", "build the target cache: layer features + top-k next-token probs"),
     "fit": ("drafter_svc.train.fit", "train the DSpark drafter on the cache (resumable)"),
+    "online": ("drafter_svc.train.online", "train on an accelerator with the target run beside the drafter (no cache)"),
     "calibrate": ("drafter_svc.train.calibrate", "fit STS confidence temperatures on held-out data"),
     "average": ("drafter_svc.train.average", "interpolate a warm-started fit run with the drafter it started from"),
     "export": ("drafter_svc.train.export", "write the DeepSpec-format checkpoint directory"),

@@ -298,6 +298,30 @@ case "${1:-}" in
       $PY -m dspark_common.cli train cache --answers $d --out $R/cache_archived/$n --shard-size 32 --batch-size 8 \
         --max-length 560
     done > $R/logs/cache_archived${SETS:+.$SETS}${DIRS:+.dirs}.log 2>&1 ;;
+  cache-heldout)  # the held-out split alone of SETS (default: seeds 37-41), to calibrate a drafter trained
+    # without a cache (train online); ~1 s a sequence, 5 % of the answers
+    for d in $(for s in ${SETS:-s37 s38 s39 s40 s41}; do ls -d data/answers/$s/*/; done); do
+      n=$(basename $(dirname $d)).$(basename $d)
+      $PY -m dspark_common.cli train cache --answers $d --out $R/cache_heldout/$n --split heldout --shard-size 32 \
+        --batch-size 8 --max-length 560
+    done > $R/logs/cache_heldout.log 2>&1 ;;
+  online-import)  # LEASE=<folder the device tool returned> N=<session>: the runs of gpu_lease.sh rebuilt
+    # as run directories $R/gpuN/<run> (16-bit weights back to a training state) that average, calibrate and
+    # export take
+    : "${LEASE:?LEASE=<folder with runs.tgz and *_w<i>.safetensors>}" "${N:?N=<session number>}"
+    mkdir -p $R/gpu$N && tar xzf $LEASE/runs.tgz -C $R/gpu$N --strip-components=2
+    for w in $LEASE/*_w0.safetensors; do
+      run=$(basename ${w%_w0.safetensors})
+      [[ -f $R/gpu$N/$run/draft_vocab.safetensors ]] || cp models/dspark-smollm2-135m/draft_vocab.safetensors $R/gpu$N/$run/
+      $PY -c "import sys; from drafter_svc.train.online import import_weights; print(import_weights(sys.argv[1], sys.argv[2:]))" \
+        $R/gpu$N/$run $LEASE/${run}_w*.safetensors
+    done ;;
+  finish-online)  # RUN=<run directory> N=<session>: calibrate on the held-out caches (cache-heldout), export
+    # the default drafter, loss curves docs/img/loss_curves_sN.png
+    : "${RUN:?RUN=<run directory>}" "${N:?N=<session number>}"
+    $PY -m dspark_common.cli train calibrate --cache $R/cache_heldout/*/ --run $RUN --plot docs/img/reliability.png
+    $PY -m dspark_common.cli train export --run $RUN --out models/dspark-smollm2-135m
+    $PY -c "from drafter_svc.train.fit import plot_curves; plot_curves('$RUN/log.jsonl', 'docs/img/loss_curves_s$N.png')" ;;
   continue-s7)  # ninth session: the committed drafter (snapshot init9) on the seed-7 slices begun when it
     # (re)starts (re-run it as datagen-s7 adds slices)
     continue_committed init9 "$(caches_s7)" ${LR:-2e-4} fit9 --draft-vocab $R/init9 ;;
