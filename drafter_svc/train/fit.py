@@ -421,12 +421,13 @@ class Trainer:
         return records
 
 
-def plot_curves(log_path: str | Path, png_path: str | Path, extra: dict[str, str | Path] | None = None) -> Path:
+def plot_curves(log_path: str | Path, png_path: str | Path, extra: dict[str, str | Path] | None = None,
+                label: str = "DSpark") -> Path:
     """Loss terms and tau_probabilistic against step (moving average over 20 steps). `extra`
     maps a label to another run's log to overlay (e.g. the rank-0 ablation)."""
     from matplotlib.figure import Figure
 
-    runs = {"DSpark": Path(log_path), **{k: Path(v) for k, v in (extra or {}).items()}}
+    runs = {label: Path(log_path), **{k: Path(v) for k, v in (extra or {}).items()}}
     fig = Figure(figsize=(13, 3.4), layout="constrained")
     axes = fig.subplots(1, 5)
     for label, path in runs.items():

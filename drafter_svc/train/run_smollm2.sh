@@ -57,6 +57,8 @@
 #   ~1 550 cached, datagen stopped 35 min into it | ALPHAS='0 0.25 0.5 0.75 1.0' average-session   (twenty-eighth: alpha 0.25)
 #   the same with seed 39 (archive), 38's arena-hard 128+ and 40; N=29 STEPS=5500 continue-session at ~1 300 cached,
 #   datagen stopped 20 min into it | ALPHAS='0 0.25 0.5' average-session   (twenty-ninth: a wash, not committed)
+#   a GPU lease: gpu_lease.sh (`dspark train online`, two learning rates, then stage 2 by hand), online-import,
+#   cache-heldout, RUN=... N=30 finish-online   (thirtieth: every archived answer on one H200, committed)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
