@@ -307,6 +307,20 @@ case "${1:-}" in
       $PY -m dspark_common.cli train cache --answers $d --out $R/cache_heldout/$n --split heldout --shard-size 32 \
         --batch-size 8 --max-length 560
     done > $R/logs/cache_heldout.log 2>&1 ;;
+  lease-prepare)  # the inputs of a GPU lease (gpu_lease.sh) under .gpu/ (ignored): the target GGUF in two parts
+    # (a call carries 64 MiB at most, the tree included) and the gguf wheel the machine lacks
+    grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
+    g=$($PY -c "from verifier_svc.target_loading import smollm2_gguf_path; print(smollm2_gguf_path())")
+    rm -rf .gpu/a .gpu/b .gpu/c && mkdir -p .gpu/a .gpu/b .gpu/c
+    split -b 49000000 -d -a 1 "$g" .gpu/gguf.part && mv .gpu/gguf.part0 .gpu/a/ && mv .gpu/gguf.part[12] .gpu/b/
+    (cd .gpu/c && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux2014_x86_64 -d . gguf==0.19.0)
+    echo "target md5 $(md5sum < "$g" | cut -c1-32)"; du -sh .gpu/* ;;
+  lease-out)  # before the two calls that carry .gpu/a and .gpu/b: the drafter and the answers out of the tree
+    # that travels (into .gpu/hold, ignored), so that tree + part stay under 64 MiB
+    mkdir -p .gpu/hold && mv models/dspark-smollm2-135m/model.safetensors data/answers .gpu/hold/ ;;
+  lease-in)  # after them, before the call that trains: everything back
+    mv .gpu/hold/model.safetensors models/dspark-smollm2-135m/ && mv .gpu/hold/answers data/answers && git status --short ;;
   online-import)  # LEASE=<folder the device tool returned> N=<session>: the runs of gpu_lease.sh rebuilt
     # as run directories $R/gpuN/<run> (16-bit weights back to a training state) that average, calibrate and
     # export take
