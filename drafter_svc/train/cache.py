@@ -49,17 +49,34 @@ class CachedSequence:
     topk_probs: torch.Tensor  # [S, K] fp32
 
 
-@torch.inference_mode()
+FP16_MAX = 65504.0
+
+
+def as_cached_features(feats: torch.Tensor) -> torch.Tensor:
+    """Target features as the cache stores them: fp16, not bf16 (~3 significant digits), clamped to its
+    range; SmolLM2's massive activations (~2.5e4) stay inside it."""
+    return feats.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+
+
+def target_topk(model, last_hidden: torch.Tensor, top_k: int):
+    """The target's top-k next-token probabilities at temperature 1 from final-normed hidden states
+    [..., d] (the lm_head input) -> torch.topk result (values fp32, indices long)."""
+    return torch.softmax(model.get_output_embeddings()(last_hidden).float(), dim=-1).topk(top_k, dim=-1)
+
+
+# no_grad, not inference_mode: `train online` feeds these tensors to a drafter whose autograd saves them
+@torch.no_grad()
 def padded_forward(model, rows: list[list[int]], layer_ids: list[int], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One right-padded target forward over token `rows` -> (features [B, S, T*d]: the chosen layers'
-    outputs side by side, final-normed hidden states [B, S, d]: the lm_head input)."""
+    """One right-padded target forward over token `rows`, on the model's device -> (features [B, S, T*d]:
+    the chosen layers' outputs side by side, final-normed hidden states [B, S, d]: the lm_head input)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         attn[i, : len(r)] = 1
-    out = model.base_model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    dev = next(model.parameters()).device
+    out = model.base_model(input_ids=ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=True)
     return torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1), out.last_hidden_state
 
 
@@ -70,7 +87,6 @@ def target_outputs(
     """One right-padded target forward over `seqs` -> per sequence (features [S, T*d] fp16 (or
     `feature_dtype`), topk_ids [S, K] int32, topk_probs [S, K] fp16)."""
     feats, last = padded_forward(model, [s.input_ids for s in seqs], layer_ids)
-    head = model.get_output_embeddings()
     results = []
     for i, s in enumerate(seqs):
         n = len(s.input_ids)
@@ -78,15 +94,13 @@ def target_outputs(
         need = torch.zeros(n, dtype=torch.bool)
         need[:-1] = mask[1:]  # positions whose next token is a response token
         pos = need.nonzero().squeeze(-1)
-        probs = torch.softmax(head(last[i, pos]).float(), dim=-1)
-        top = probs.topk(top_k, dim=-1)
+        top = target_topk(model, last[i, pos], top_k)
         k_ids = torch.zeros(n, top_k, dtype=torch.int32)
         k_probs = torch.zeros(n, top_k, dtype=torch.float16)
         k_ids[pos] = top.indices.to(torch.int32)
         k_probs[pos] = top.values.to(torch.float16)
-        # fp16, not bf16: ~3 significant digits; SmolLM2's massive activations (~2.5e4) stay in range.
-        f = feats[i, :n].clamp(-65504, 65504) if feature_dtype == torch.float16 else feats[i, :n]
-        results.append((f.to(feature_dtype).contiguous(), k_ids, k_probs))
+        f = as_cached_features(feats[i, :n]) if feature_dtype == torch.float16 else feats[i, :n].to(feature_dtype)
+        results.append((f.contiguous(), k_ids, k_probs))
     return results
 
 

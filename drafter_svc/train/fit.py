@@ -166,6 +166,18 @@ def load_draft_vocab(opts: FitOptions, vocab_size: int) -> torch.Tensor | None:
     return ids
 
 
+def run_draft_vocab(opts: FitOptions, run_dir: Path, vocab_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The run's draft vocabulary on its device and the id -> column index (None, None: all V). The run
+    keeps its own copy of the vocabulary file: the source (often the export target) may be overwritten."""
+    ids = load_draft_vocab(opts, vocab_size)
+    if ids is None:
+        return None, None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(opts.draft_vocab) / draft_vocab.VOCAB_FILE, run_dir / draft_vocab.VOCAB_FILE)
+    ids = ids.to(opts.device)
+    return ids, vocab_index(ids, vocab_size)
+
+
 def sequence_sums(model: DSparkDrafter, seq: CachedSequence, anchors, keep, labels, weights,
                   vocab_ids: torch.Tensor | None = None, index: torch.Tensor | None = None):
     """Forward one cached sequence's blocks and return the loss sums. Data is prepared on the CPU
@@ -227,14 +239,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adamw(self.params, opts.lr)
         self.alphas = LossWeights(opts.alpha_ce, opts.alpha_tv, opts.alpha_conf)
-        self.vocab_ids = load_draft_vocab(opts, self.config.vocab_size)
-        self.vocab_index = None
-        if self.vocab_ids is not None:
-            # the run keeps its own copy: the source (often the export target) may be overwritten
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(opts.draft_vocab) / draft_vocab.VOCAB_FILE, self.run_dir / draft_vocab.VOCAB_FILE)
-            self.vocab_ids = self.vocab_ids.to(opts.device)
-            self.vocab_index = vocab_index(self.vocab_ids, self.config.vocab_size)
+        self.vocab_ids, self.vocab_index = run_draft_vocab(opts, self.run_dir, self.config.vocab_size)
         self.step = 0
         self.epoch = 0
         self.order: list[str] = []

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 import zlib
 from dataclasses import dataclass
@@ -35,10 +34,9 @@ from pathlib import Path
 
 import torch
 
-from drafter_svc import draft_vocab
 from drafter_svc.dspark_model import DSparkDrafter
 from drafter_svc.train.average import interpolate
-from drafter_svc.train.cache import DEFAULT_TOP_K
+from drafter_svc.train.cache import DEFAULT_TOP_K, as_cached_features, padded_forward, target_topk
 from drafter_svc.train.data import Sequence, read_answers
 from drafter_svc.train.fit import (
     LOG_FILE,
@@ -48,14 +46,18 @@ from drafter_svc.train.fit import (
     adamw,
     build_model,
     draft_config,
-    load_draft_vocab,
+    run_draft_vocab,
     trainable_state,
     warm_start,
 )
-from drafter_svc.train.objective import LossWeights, block_targets, combine, dspark_loss_sums, sample_anchors, vocab_index
+from drafter_svc.train.objective import LossWeights, block_targets, combine, dspark_loss_sums, sample_anchors
 from dspark_common.errors import FailedPrecondition, InvalidRequest
 
 log = logging.getLogger(__name__)
+
+# FitOptions fields a time-budgeted run has no use for (no step count, no resumable checkpoints; the
+# mask token is the target's default)
+NOT_OPTIONS = ("mask_token_id", "steps", "ckpt_every")
 
 
 @dataclass
@@ -81,35 +83,29 @@ def load_sequences(patterns: list[str], max_length: int) -> tuple[list[Sequence]
     return train, held
 
 
-@torch.no_grad()  # not inference_mode: the drafter's autograd saves these tensors for backward
+@torch.no_grad()
 def target_batch(target, layer_ids: list[int], seqs: list[Sequence], top_k: int) -> dict[str, torch.Tensor]:
     """One right-padded target forward over `seqs` on the target's device -> the batch tensors the
     drafter trains on: input_ids/loss_mask [b, S], features [b, S, T*d] (fp16-rounded, as cached),
     topk_ids/topk_probs [b, S, K] (the target's p_t of the token after each position whose next token
     is a response token; zeros elsewhere, as cached)."""
-    dev = next(target.parameters()).device
-    b, width = len(seqs), max(len(s.input_ids) for s in seqs)
+    feats, last = padded_forward(target, [s.input_ids for s in seqs], layer_ids)
+    dev, (b, width) = feats.device, feats.shape[:2]
     ids = torch.zeros(b, width, dtype=torch.long)
-    attn = torch.zeros(b, width, dtype=torch.long)
     mask = torch.zeros(b, width, dtype=torch.bool)
     for i, s in enumerate(seqs):
         ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
-        attn[i, : len(s.input_ids)] = 1
         mask[i, : len(s.loss_mask)] = torch.tensor(s.loss_mask, dtype=torch.bool)
-    ids, attn, mask = ids.to(dev), attn.to(dev), mask.to(dev)
-    out = target.base_model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-    feats = torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)
-    # fp16 as the cache stores them: SmolLM2's massive activations (~2.5e4) stay in range
-    feats = feats.float().clamp(-65504, 65504).half().float()
+    ids, mask = ids.to(dev), mask.to(dev)
     need = torch.zeros_like(mask)
     need[:, :-1] = mask[:, 1:]
-    probs = torch.softmax(target.get_output_embeddings()(out.last_hidden_state[need]).float(), dim=-1)
-    top = probs.topk(top_k, dim=-1)
+    top = target_topk(target, last[need], top_k)
     topk_ids = torch.zeros(b, width, top_k, dtype=torch.long, device=dev)
     topk_probs = torch.zeros(b, width, top_k, dtype=torch.float32, device=dev)
     topk_ids[need] = top.indices
     topk_probs[need] = top.values.half().float()
-    return {"input_ids": ids, "loss_mask": mask, "features": feats, "topk_ids": topk_ids, "topk_probs": topk_probs}
+    return {"input_ids": ids, "loss_mask": mask, "features": as_cached_features(feats).float(),
+            "topk_ids": topk_ids, "topk_probs": topk_probs}
 
 
 def batch_sums(model: DSparkDrafter, batch: dict[str, torch.Tensor], lengths: list[int], generators: list[torch.Generator],
@@ -144,20 +140,27 @@ def sequence_generator(key: str, number: int, seed: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def heldout_tau(model: DSparkDrafter, target, layer_ids: list[int], seqs: list[Sequence], opts: OnlineOptions,
-                vocab_ids: torch.Tensor | None, index: torch.Tensor | None, batch_seqs: int = 64) -> float:
-    """Held-out τ_prob = 1 + Σ_j Π_{i≤j}(1 − ½ L1_k), micro-averaged over blocks (validate.py's figure)."""
+def heldout_taus(model: DSparkDrafter, target, layer_ids: list[int], seqs: list[Sequence], opts: OnlineOptions,
+                 vocab_ids: torch.Tensor | None, index: torch.Tensor | None,
+                 weight_sets: list[dict[str, torch.Tensor]] | None = None, batch_seqs: int = 64) -> list[float]:
+    """Held-out τ_prob = 1 + Σ_j Π_{i≤j}(1 − ½ L1_k), micro-averaged over blocks (validate.py's figure),
+    of the model with each of `weight_sets` (trainable weights; none: as it is), one target forward per
+    batch for all of them. The model keeps the last set's weights."""
     was = model.training
     model.eval()
-    tau, blocks = 0.0, 0
+    sets = [{k: v.to(model.device) for k, v in w.items()} for w in weight_sets] if weight_sets else [None]
+    tau, blocks = [0.0] * len(sets), [0] * len(sets)
     for start in range(0, len(seqs), batch_seqs):
         chunk = seqs[start : start + batch_seqs]
         batch = target_batch(target, layer_ids, chunk, opts.top_k)
-        gens = [sequence_generator(s.key, start + i, 7) for i, s in enumerate(chunk)]
-        s = batch_sums(model, batch, [len(q.input_ids) for q in chunk], gens, opts.num_anchors, vocab_ids, index)
-        tau, blocks = tau + s.tau_prob, blocks + s.blocks
+        for j, weights in enumerate(sets):
+            if weights is not None:
+                model.load_state_dict(weights, strict=False)
+            gens = [sequence_generator(s.key, start + i, 7) for i, s in enumerate(chunk)]
+            s = batch_sums(model, batch, [len(q.input_ids) for q in chunk], gens, opts.num_anchors, vocab_ids, index)
+            tau[j], blocks[j] = tau[j] + s.tau_prob, blocks[j] + s.blocks
     model.train(was)
-    return tau / max(blocks, 1)
+    return [t / max(n, 1) for t, n in zip(tau, blocks)]
 
 
 class OnlineTrainer:
@@ -176,13 +179,8 @@ class OnlineTrainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adamw(self.params, opts.lr)
         self.alphas = LossWeights(opts.alpha_ce, opts.alpha_tv, opts.alpha_conf)
-        self.vocab_ids = load_draft_vocab(opts, self.config.vocab_size)
-        self.index = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.vocab_ids is not None:
-            shutil.copyfile(Path(opts.draft_vocab) / draft_vocab.VOCAB_FILE, self.run_dir / draft_vocab.VOCAB_FILE)
-            self.vocab_ids = self.vocab_ids.to(opts.device)
-            self.index = vocab_index(self.vocab_ids, self.config.vocab_size)
+        self.vocab_ids, self.index = run_draft_vocab(opts, self.run_dir, self.config.vocab_size)
         self.rng = random.Random(opts.seed)
         self.anchor_gen = torch.Generator().manual_seed(opts.seed)
         self.order: list[int] = []
@@ -237,16 +235,16 @@ class OnlineTrainer:
         tmp.rename(path)
         return path
 
-    def score_heldout(self, weights: dict[str, torch.Tensor] | None = None) -> float:
-        if weights is not None:
-            self.model.load_state_dict({k: v.to(self.opts.device) for k, v in weights.items()}, strict=False)
-        return heldout_tau(self.model, self.target, self.layer_ids, self.heldout_seqs, self.opts, self.vocab_ids, self.index)
+    def score_heldout(self, weight_sets: list[dict[str, torch.Tensor]] | None = None) -> list[float]:
+        """Held-out τ_prob of the model as it is, or with each of `weight_sets` (it keeps the last)."""
+        return heldout_taus(self.model, self.target, self.layer_ids, self.heldout_seqs, self.opts, self.vocab_ids,
+                            self.index, weight_sets)
 
     def fit(self) -> dict:
         """Train for opts.seconds, then score the held-out split for the start, the end and each α."""
         summary: dict = {"train_sequences": len(self.train), "heldout_sequences": len(self.heldout_seqs)}
         if self.heldout_seqs:
-            summary["heldout_tau_start"] = round(self.score_heldout(), 4)
+            summary["heldout_tau_start"] = round(self.score_heldout()[0], 4)
             log.info("held-out tau_prob at the start: %.4f", summary["heldout_tau_start"])
         start = last_save = time.perf_counter()
         with (self.run_dir / LOG_FILE).open("w") as fh:
@@ -265,10 +263,10 @@ class OnlineTrainer:
                        seconds=round(time.perf_counter() - start, 1))
         if self.heldout_seqs and self.opts.alphas.strip():
             fitted = {k: v.detach().cpu().clone() for k, v in trainable_state(self.model).items()}
-            scores = {}
-            for a in [float(x) for x in self.opts.alphas.split()]:
-                scores[str(a)] = round(self.score_heldout(interpolate(self.init_weights, fitted, a)), 4)
-                log.info("held-out tau_prob at alpha %s: %.4f", a, scores[str(a)])
+            alphas = [float(x) for x in self.opts.alphas.split()]
+            taus = self.score_heldout([interpolate(self.init_weights, fitted, a) for a in alphas])
+            scores = {str(a): round(t, 4) for a, t in zip(alphas, taus)}
+            log.info("held-out tau_prob by alpha: %s", scores)
             self.model.load_state_dict({k: v.to(self.opts.device) for k, v in fitted.items()}, strict=False)
             summary["heldout_tau_by_alpha"] = scores
         (self.run_dir / "online.json").write_text(json.dumps(summary, indent=2))
@@ -287,7 +285,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-layers", type=int, nargs="+", default=None, help="target layer ids (default: the init's)")
     for f in dataclasses.fields(OnlineOptions):
         default = getattr(d, f.name)
-        if f.name in ("mask_token_id", "steps", "ckpt_every"):
+        if f.name in NOT_OPTIONS:
             continue
         kind = {int: int, float: float, str: str}.get(type(default), int)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default)
@@ -315,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    fields = {f.name for f in dataclasses.fields(OnlineOptions)} - {"mask_token_id", "steps", "ckpt_every"}
+    fields = {f.name for f in dataclasses.fields(OnlineOptions)} - set(NOT_OPTIONS)
     opts = OnlineOptions(**{k: getattr(args, k) for k in fields})
     if opts.seconds <= 0 or opts.batch_seqs < 1:
         raise InvalidRequest("--seconds and --batch-seqs must be positive", "seconds")
