@@ -3,6 +3,7 @@ and the losslessness of decoding with it (greedy identity here; sampling in test
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -70,6 +71,17 @@ def test_vocab_cli_counts_answers_and_reports_coverage(tmp_path, capsys):
     # 7 and 8 are the most frequent; k09 and k19 held out leave 0, 1, 2 six each: the lowest id wins, the stop token is always in.
     assert drafter.config.eos_token_id == 254 and ids == [0, 7, 8, 254]
     assert "held-out coverage" in capsys.readouterr().out
+    # The gzipped copies archived under data/answers/ count the same, split across directories.
+    for half, part in enumerate((rows[:10], rows[10:])):
+        (tmp_path / f"archived{half}").mkdir()
+        (tmp_path / f"archived{half}" / "answers.jsonl.gz").write_bytes(
+            gzip.compress("".join(json.dumps(r) + "\n" for r in part).encode()))
+    args.answers = [str(tmp_path / "archived1"), str(tmp_path / "archived0")]
+    assert vocab.run(args) == 0
+    assert load_checkpoint(tmp_path / "ckpt").draft_vocab.tolist() == ids
+    args.answers = [str(tmp_path / "nothing-here")]
+    with pytest.raises(InvalidRequest, match="no answers"):
+        vocab.run(args)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])

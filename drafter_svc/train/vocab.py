@@ -8,7 +8,6 @@ count, so it estimates the share of target tokens a draft from this vocabulary c
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from dspark_common.errors import InvalidRequest
@@ -17,22 +16,21 @@ SIZES = (1024, 2048, 4096, 8192, 12288, 16384, 32768)
 
 
 def read_answers(dirs: list[str]) -> list[list[int]]:
+    """The answer tokens of every datagen directory (or archived copy under data/answers/), by key."""
+    from drafter_svc.train.data import answer_files, read_answers as read_sequences
+
     rows: list[tuple[str, list[int]]] = []
     for d in dirs:
-        files = sorted(Path(d).glob("answers*.jsonl"))
-        if not files:
-            raise InvalidRequest(f"no answers*.jsonl under {d} (write them with `dspark train datagen`)", "answers")
-        for f in files:
-            for line in f.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    rows.append((row["key"], row["answer_ids"]))
+        if not Path(d).exists() or not answer_files(d):
+            raise InvalidRequest(f"no answers*.jsonl[.gz] under {d} (write them with `dspark train datagen`)", "answers")
+        for s in read_sequences(d, min_loss_tokens=0):
+            rows.append((s.key, [t for t, m in zip(s.input_ids, s.loss_mask) if m]))
     rows.sort()  # the held-out split must not depend on shard layout or write order
     return [ids for _, ids in rows]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--answers", nargs="+", required=True, help="datagen output directories (answers*.jsonl)")
+    p.add_argument("--answers", nargs="+", required=True, help="datagen output directories (answers*.jsonl), or archived ones (data/answers/s*/*)")
     p.add_argument("--checkpoint", required=True, help="drafter checkpoint directory to write draft_vocab.safetensors into")
     p.add_argument("--size", type=int, default=8192, help="tokens in the draft vocabulary")
     p.add_argument("--held-out", type=float, default=0.1, help="share of answers (every k-th) kept out of the count")
