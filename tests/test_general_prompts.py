@@ -16,6 +16,7 @@ def test_prompts_are_reproducible_distinct_and_balanced():
     rows = general_prompts.compose(600, seed=3)
     assert rows == general_prompts.compose(600, seed=3)
     assert rows != general_prompts.compose(600, seed=4)
+    assert general_prompts.compose(100, seed=3) == rows[:100]  # growing the set keeps the keys of the old rows
     texts = [r["turns"][0] for r in rows]
     assert len(set(texts)) == len(texts)
     assert all("{" not in t and "}" not in t for t in texts)  # every placeholder filled

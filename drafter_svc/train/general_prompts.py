@@ -92,7 +92,8 @@ TEMPLATES: dict[str, list[str]] = {
 
 
 def compose(n: int, seed: int = 0) -> list[dict]:
-    """`n` distinct prompts, categories in turn (so any prefix stays balanced), reproducible by seed."""
+    """`n` distinct prompts, categories in turn (so any prefix stays balanced), reproducible by seed.
+    A longer set keeps a shorter one as its prefix: answers keyed by row stay valid when it grows."""
     rng = random.Random(seed)
     pools: dict[str, list[str]] = {}
     for category, templates in TEMPLATES.items():
@@ -119,7 +120,7 @@ def compose(n: int, seed: int = 0) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="data/prompts/general-chat.jsonl")
-    ap.add_argument("-n", type=int, default=1000)
+    ap.add_argument("-n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rows = compose(args.n, args.seed)
