@@ -14,6 +14,7 @@ Output: JSONL rows `{"turns": [prompt], "category": ...}`, the format of the sha
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 from pathlib import Path
@@ -99,11 +100,12 @@ def compose(n: int, seed: int = 0) -> list[dict]:
     for category, templates in TEMPLATES.items():
         pool = set()
         for t in templates:
-            for s in SUBJECTS:
-                for p in (PERSONAS if "{p}" in t else [""]):
-                    for a in (AUDIENCES if "{a}" in t else [""]):
-                        other = SUBJECTS[(SUBJECTS.index(s) + 7) % len(SUBJECTS)] if "{t}" in t else ""
-                        pool.add(t.format(s=s, p=p, a=a, t=other))
+            personas = PERSONAS if "{p}" in t else [""]
+            audiences = AUDIENCES if "{a}" in t else [""]
+            for i, s in enumerate(SUBJECTS):
+                other = SUBJECTS[(i + 7) % len(SUBJECTS)]  # a fixed partner for the comparisons
+                for p, a in itertools.product(personas, audiences):
+                    pool.add(t.format(s=s, p=p, a=a, t=other))
         pools[category] = sorted(pool)
         rng.shuffle(pools[category])
     total = sum(len(v) for v in pools.values())
