@@ -92,10 +92,29 @@ TEMPLATES: dict[str, list[str]] = {
 }
 
 
-def compose(n: int, seed: int = 0) -> list[dict]:
-    """`n` distinct prompts, categories in turn (so any prefix stays balanced), reproducible by seed.
-    A longer set keeps a shorter one as its prefix: answers keyed by row stay valid when it grows."""
-    rng = random.Random(seed)
+NAMES = ["Maria", "James", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tom", "Fatima", "Ivan", "Grace", "Kwame",
+         "Sofia", "Daniel", "Mei", "Lucas", "Amara", "Noah", "Elena", "Hassan"]
+CITIES = ["Lisbon", "Toronto", "Nairobi", "Osaka", "Denver", "Krakow", "Lima", "Melbourne", "Cairo", "Oslo",
+          "Mumbai", "Dublin", "Seoul", "Austin", "Marseille", "Hanoi"]
+JOBS = ["nurse", "architect", "baker", "software developer", "teacher", "journalist", "pilot", "pharmacist",
+        "carpenter", "marine biologist", "accountant", "chef"]
+ITEMS = ["apples", "notebooks", "bus tickets", "concert tickets", "coffee beans", "paint brushes", "plant pots",
+         "batteries", "candles", "scarves"]
+STEM = ["how vaccines train the immune system", "why the sky is blue", "how a refrigerator keeps food cold",
+        "how GPS finds your position", "what causes the seasons", "how batteries store energy",
+        "how airplanes stay in the air", "what DNA does in a cell", "how earthquakes happen",
+        "why ice floats on water", "how solar panels make electricity", "what an exoplanet is",
+        "how antibiotics work", "what entropy means", "how the heart pumps blood", "how rainbows form",
+        "what a chemical catalyst does", "how sound travels", "why metals conduct electricity",
+        "how a vaccine trial is run", "what the speed of light tells us", "how tides work"]
+HUMANITIES = ["the printing press", "the French Revolution", "the Silk Road", "the invention of writing",
+              "Greek tragedy", "the Harlem Renaissance", "the fall of the Berlin Wall", "impressionist painting",
+              "the Enlightenment", "the Olympic Games", "the rise of cities", "folk tales", "the novel as a form",
+              "the abolition of slavery", "the history of money", "Stoic philosophy", "the Cold War",
+              "the Mughal Empire", "the Meiji era", "the civil rights movement"]
+
+
+def _chat_pools(rng: random.Random) -> dict[str, list[str]]:
     pools: dict[str, list[str]] = {}
     for category, templates in TEMPLATES.items():
         pool = set()
@@ -108,6 +127,90 @@ def compose(n: int, seed: int = 0) -> list[dict]:
                     pool.add(t.format(s=s, p=p, a=a, t=other))
         pools[category] = sorted(pool)
         rng.shuffle(pools[category])
+    return pools
+
+
+def _task_pools(rng: random.Random, per_category: int = 1500) -> dict[str, list[str]]:
+    """The `tasks` set: what the chat set lacks — reading a given text (extraction, rewriting), short
+    reasoning, and explanations of science and history. Texts are drawn from the lists above by `rng`."""
+
+    def job() -> str:
+        j = rng.choice(JOBS)
+        return ("an " if j[0] in "aeiou" else "a ") + j
+
+    def bio() -> str:
+        n, n2 = rng.sample(NAMES, 2)
+        a, b, c = rng.sample(CITIES, 3)
+        y = rng.randrange(1975, 2015)
+        return (f"{n} was born in {a} and worked as {job()} before moving to {b} in {y}. There {n} met {n2}, "
+                f"{job()} from {c}, and in {y + rng.randrange(1, 9)} the two opened a small business together.")
+
+    def order() -> tuple[str, str, str, str]:
+        a, b, c, d = rng.sample(NAMES, 4)
+        return a, b, c, d
+
+    makers = {
+        "extraction": [
+            lambda: f"Extract every person, city and year from this text and return them as JSON: \"{bio()}\"",
+            lambda: f"Summarize this text in one sentence: \"{bio()}\"",
+            lambda: f"Read the text and answer: who moved, and where to? \"{bio()}\"",
+            lambda: f"Turn this text into a bulleted timeline: \"{bio()}\"",
+        ],
+        "rewriting": [
+            lambda: f"Rewrite this paragraph in a more formal tone: \"{bio()}\"",
+            lambda: f"Rewrite this paragraph for a children's book: \"{bio()}\"",
+            lambda: (f"Fix the grammar in this sentence: \"me and {rng.choice(NAMES)} goes to "
+                     f"the market in {rng.choice(CITIES)} every weeks and we was happy.\""),
+            lambda: f"Make this sentence shorter and clearer: \"In my personal opinion I think that "
+                    f"{rng.choice(SUBJECTS)} is something that is really quite important for many people.\"",
+        ],
+        "reasoning": [
+            lambda: "{0} is taller than {1}, {1} is taller than {2}, and {3} is shorter than {2}. "
+                    "Who is the tallest and who is the shortest? Explain step by step.".format(*order()),
+            lambda: (f"A shop sells {rng.choice(ITEMS)} at {rng.randrange(2, 9)} dollars each. "
+                     f"{rng.choice(NAMES)} buys {rng.randrange(3, 12)} and pays with a "
+                     f"{rng.choice([50, 100])}-dollar note. How much change is due? Show your reasoning."),
+            lambda: (f"A train leaves {rng.choice(CITIES)} at {rng.randrange(6, 12)}:00 and travels for "
+                     f"{rng.randrange(2, 7)} hours and {rng.choice([15, 30, 45])} minutes. At what time does it "
+                     "arrive? Explain."),
+            lambda: "{0}, {1} and {2} each have a different pet: a cat, a dog and a parrot. {0} is allergic to "
+                    "fur, and {1} does not own the cat. Who owns which pet? Reason it out.".format(*order()),
+        ],
+        "stem": [
+            lambda: f"Explain {rng.choice(STEM)}.",
+            lambda: f"Explain {rng.choice(STEM)} to {rng.choice(AUDIENCES)}, with an everyday example.",
+            lambda: f"Many people misunderstand {rng.choice(STEM)}. Explain it and correct a common mistake.",
+        ],
+        "humanities": [
+            lambda: f"Discuss the influence of {rng.choice(HUMANITIES)} on the modern world.",
+            lambda: f"What were the causes and consequences of {rng.choice(HUMANITIES)}?",
+            lambda: f"Write a short essay comparing {' and '.join(rng.sample(HUMANITIES, 2))}.",
+            lambda: f"Explain {rng.choice(HUMANITIES)} to {rng.choice(AUDIENCES)}.",
+        ],
+    }
+    pools: dict[str, list[str]] = {}
+    for category, fns in makers.items():
+        pool: list[str] = []
+        seen: set[str] = set()
+        for _ in range(per_category * 20):  # the small-list categories run out of distinct prompts early
+            text = rng.choice(fns)()
+            if text not in seen:
+                seen.add(text)
+                pool.append(text)
+            if len(pool) == per_category:
+                break
+        pools[category] = pool[::-1]  # compose pops from the end: keep generation order
+    return pools
+
+
+SETS = {"chat": _chat_pools, "tasks": _task_pools}
+
+
+def compose(n: int, seed: int = 0, kind: str = "chat") -> list[dict]:
+    """`n` distinct prompts of set `kind`, categories in turn (so any prefix stays balanced while every
+    category lasts), reproducible by seed. A longer set keeps a shorter one as its prefix: answers keyed
+    by row stay valid when it grows."""
+    pools = SETS[kind](random.Random(seed))
     total = sum(len(v) for v in pools.values())
     if not 0 < n <= total:
         raise ValueError(f"n must be in 1..{total}, got {n}")
@@ -124,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="data/prompts/general-chat.jsonl")
     ap.add_argument("-n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", choices=sorted(SETS), default="chat",
+                    help="chat: writing, role-play, explanation, advice, comparison, planning; "
+                         "tasks: extraction, rewriting, reasoning, science, history")
     args = ap.parse_args(argv)
-    rows = compose(args.n, args.seed)
+    rows = compose(args.n, args.seed, args.set)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -73,7 +73,7 @@ EVAL_TOKENS=${EVAL_TOKENS:-128}
 T1_LIMIT=${T1_LIMIT:-6}              # T = 1 with LOOP=1: the real decode loop (~0.3 s per round here)
 T1_TOKENS=${T1_TOKENS:-64}
 T1_SEED=${T1_SEED:-777}              # T = 1 otherwise: the expected replay's target samples (prompt i: seed + i)
-TRAIN=${TRAIN:-../shared/data/prompts/train}  # TRAIN=data/prompts FILES=general-chat: the composed prose prompts
+TRAIN=${TRAIN:-../shared/data/prompts/train}  # TRAIN=data/prompts FILES=general-chat (or general-tasks): composed prompts
 TEMPS=${TEMPS:-"0 1"}
 EVAL_DIR=${EVAL_DIR:-$R/eval}
 EVAL_FILES=${EVAL_FILES:-"$(ls ../shared/data/prompts/eval/*.jsonl 2>/dev/null || ls /work/shared/data/prompts/eval/*.jsonl)"}
