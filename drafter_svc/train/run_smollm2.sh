@@ -59,6 +59,9 @@
 #   datagen stopped 20 min into it | ALPHAS='0 0.25 0.5' average-session   (twenty-ninth: a wash, not committed)
 #   a GPU lease: gpu_lease.sh (`dspark train online`, two learning rates, then stage 2 by hand), online-import,
 #   cache-heldout, RUN=... N=30 finish-online   (thirtieth: every archived answer on one H200, committed)
+#   TRAIN=data/prompts SEED=48 FILES=general-chat AT='1500 ... 2750' and FILES=general-tasks AT='0 ... 1250'
+#   datagen-seed, DIRS='<s46, s47, s42 gsm8k, s43 livecodebench 0-249>' cache-archived; LR=1e-4 N=34 STEPS=5000
+#   CACHES=... continue-session, then `train average --alpha 0.25` + export   (thirty-fourth: prose and tasks)
 #   (SEED=N unarchive-seed puts a partly archived seed back into runs/ before datagen-seed completes it)
 # (`fit` and `ablation` run side by side, one core each; `datagen` runs two shards side by side.)
 # Long stages are meant for `nohup ... &`. One torch thread everywhere (OpenMP contention on the
