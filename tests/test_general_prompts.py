@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -58,8 +59,6 @@ def test_tasks_set_is_reproducible_distinct_and_balanced():
 def test_committed_prompt_files_are_what_compose_writes(kind):
     # datagen keys answers by row: the committed files (and the archived answers keyed on them) must be
     # exactly what the generator writes, or a later -n would silently re-key rows already answered.
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "data" / "prompts" / f"general-{kind}.jsonl"
     lines = path.read_text().splitlines()
     assert lines == [json.dumps(r) for r in general_prompts.compose(len(lines), kind=kind)]

@@ -145,10 +145,6 @@ def _task_pools(rng: random.Random, per_category: int = 1500) -> dict[str, list[
         return (f"{n} was born in {a} and worked as {job()} before moving to {b} in {y}. There {n} met {n2}, "
                 f"{job()} from {c}, and in {y + rng.randrange(1, 9)} the two opened a small business together.")
 
-    def order() -> tuple[str, str, str, str]:
-        a, b, c, d = rng.sample(NAMES, 4)
-        return a, b, c, d
-
     makers = {
         "extraction": [
             lambda: f"Extract every person, city and year from this text and return them as JSON: \"{bio()}\"",
@@ -166,7 +162,7 @@ def _task_pools(rng: random.Random, per_category: int = 1500) -> dict[str, list[
         ],
         "reasoning": [
             lambda: "{0} is taller than {1}, {1} is taller than {2}, and {3} is shorter than {2}. "
-                    "Who is the tallest and who is the shortest? Explain step by step.".format(*order()),
+                    "Who is the tallest and who is the shortest? Explain step by step.".format(*rng.sample(NAMES, 4)),
             lambda: (f"A shop sells {rng.choice(ITEMS)} at {rng.randrange(2, 9)} dollars each. "
                      f"{rng.choice(NAMES)} buys {rng.randrange(3, 12)} and pays with a "
                      f"{rng.choice([50, 100])}-dollar note. How much change is due? Show your reasoning."),
@@ -174,7 +170,7 @@ def _task_pools(rng: random.Random, per_category: int = 1500) -> dict[str, list[
                      f"{rng.randrange(2, 7)} hours and {rng.choice([15, 30, 45])} minutes. At what time does it "
                      "arrive? Explain."),
             lambda: "{0}, {1} and {2} each have a different pet: a cat, a dog and a parrot. {0} is allergic to "
-                    "fur, and {1} does not own the cat. Who owns which pet? Reason it out.".format(*order()),
+                    "fur, and {1} does not own the cat. Who owns which pet? Reason it out.".format(*rng.sample(NAMES, 4)),
         ],
         "stem": [
             lambda: f"Explain {rng.choice(STEM)}.",
@@ -190,16 +186,12 @@ def _task_pools(rng: random.Random, per_category: int = 1500) -> dict[str, list[
     }
     pools: dict[str, list[str]] = {}
     for category, fns in makers.items():
-        pool: list[str] = []
-        seen: set[str] = set()
+        pool: dict[str, None] = {}  # distinct, in generation order
         for _ in range(per_category * 20):  # the small-list categories run out of distinct prompts early
-            text = rng.choice(fns)()
-            if text not in seen:
-                seen.add(text)
-                pool.append(text)
+            pool.setdefault(rng.choice(fns)())
             if len(pool) == per_category:
                 break
-        pools[category] = pool[::-1]  # compose pops from the end: keep generation order
+        pools[category] = list(pool)[::-1]  # compose pops from the end: keep generation order
     return pools
 
 
@@ -224,7 +216,7 @@ def compose(n: int, seed: int = 0, kind: str = "chat") -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="data/prompts/general-chat.jsonl")
+    ap.add_argument("--out", help="default: data/prompts/general-<set>.jsonl")
     ap.add_argument("-n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", choices=sorted(SETS), default="chat",
@@ -232,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                          "tasks: extraction, rewriting, reasoning, science, history")
     args = ap.parse_args(argv)
     rows = compose(args.n, args.seed, args.set)
-    out = Path(args.out)
+    out = Path(args.out or f"data/prompts/general-{args.set}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {out}: {len(rows)} prompts")
